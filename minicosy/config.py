@@ -1,0 +1,245 @@
+"""All hyperparameters of minicosy, as plain dataclasses, with two presets.
+
+* ``tiny``            -- trainable in minutes on 2 CPU cores (the notebooks' scale).
+* ``cosyvoice2_0p5b`` -- the official CosyVoice2-0.5B sizes (``shared/reference/manifests``,
+  ``NOTES.md`` §2-§6), so the same classes can load the released checkpoint.
+
+Every component reads its own sub-config; nothing is built from yaml. Rates follow the paper:
+25 Hz speech tokens (§2.2), 50 Hz mel frames at 24 kHz (§2.4), hence ``token_mel_ratio`` = 2.
+
+Usage::
+
+    from minicosy.config import get_config
+    cfg = get_config("tiny")
+    cfg.lm.hidden_size, cfg.flow.estimator_channels
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class FeatureConfig:
+    """The three front-end features of the official system (NOTES.md §6)."""
+
+    sample_rate: int = 24000          # output audio / flow / vocoder rate
+    n_fft: int = 1920                 # flow mel: 80 ms window at 24 kHz
+    hop_length: int = 480             # 50 frames/s
+    win_length: int = 1920
+    n_mels: int = 80
+    fmin: float = 0.0
+    fmax: float = 8000.0
+    tokenizer_sample_rate: int = 16000  # Whisper log-mel for the speech tokenizer
+    whisper_n_fft: int = 400
+    whisper_hop_length: int = 160     # 100 frames/s
+    whisper_n_mels: int = 128
+    speaker_sample_rate: int = 16000  # Kaldi fbank for CAM++
+    fbank_n_mels: int = 80
+    fbank_frame_length_ms: float = 25.0
+    fbank_frame_shift_ms: float = 10.0
+
+
+@dataclass
+class TextTokenizerConfig:
+    """BPE text tokenizer (§2.1)."""
+
+    vocab_size: int = 151936          # Qwen2 vocabulary (full); the tiny BPE is trained to this size
+    mask_multichar_cjk: bool = True   # §2.1: BPE tokens covering > 1 CJK character are never emitted
+
+
+@dataclass
+class SpeechTokenizerConfig:
+    """ASR-supervised FSQ speech tokenizer (§2.2): Encoder1 -> FSQ -> Encoder2 -> ASR decoder."""
+
+    n_mels: int = 128
+    d_model: int = 1280
+    n_heads: int = 20
+    encoder1_layers: int = 6
+    encoder2_layers: int = 6
+    fsmn_kernel: int = 31
+    downsample: int = 4               # 100 Hz Whisper frames -> 25 Hz tokens
+    fsq_dim: int = 8                  # D in eq. 1-2
+    fsq_levels: int = 1               # K: each digit in [-K, K]; (2K+1)^D codes
+    vq_codebook_size: int = 4096      # VQ baseline for the comparison (Table 4)
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of FSQ codes, (2K+1)^D (eq. 2)."""
+        return (2 * self.fsq_levels + 1) ** self.fsq_dim
+
+
+@dataclass
+class LMConfig:
+    """Qwen2 text-speech LM (§2.3) and its ids (NOTES.md §2)."""
+
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    speech_token_size: int = 6561     # = (2K+1)^D speech codes
+    sos_id: int = 0                   # rows of the 2-row llm_embedding
+    task_id: int = 1
+    mix_ratio: tuple[int, int] = (5, 15)  # N text : M speech in the streaming layout
+    min_token_text_ratio: float = 2.0
+    max_token_text_ratio: float = 20.0
+    top_p: float = 0.8                # RAS sampling
+    top_k: int = 25
+    win_size: int = 10
+    tau_r: float = 0.1
+
+    @property
+    def eos_id(self) -> int:
+        return self.speech_token_size
+
+    @property
+    def fill_id(self) -> int:
+        return self.speech_token_size + 2
+
+
+@dataclass
+class FlowConfig:
+    """Chunk-aware causal flow matching (§2.4; NOTES.md §4)."""
+
+    vocab_size: int = 6561
+    input_size: int = 512             # token embedding
+    encoder_size: int = 512
+    encoder_heads: int = 8
+    encoder_linear_units: int = 2048
+    encoder_blocks: int = 6           # before up-sampling
+    up_encoder_blocks: int = 4        # after up-sampling
+    pre_lookahead_len: int = 3        # P
+    token_mel_ratio: int = 2
+    n_mels: int = 80
+    spk_embed_dim: int = 192
+    estimator_channels: int = 256
+    estimator_attention_head_dim: int = 64
+    estimator_heads: int = 8
+    estimator_n_blocks: int = 4
+    estimator_mid_blocks: int = 12
+    static_chunk_tokens: int = 25     # M tokens -> 2M mel frames
+    n_timesteps: int = 10             # NFE
+    cfg_rate: float = 0.7             # beta in eq. 10
+    training_cfg_rate: float = 0.2
+    sigma_min: float = 1e-6
+    prompt_mask_ratio: tuple[float, float] = (0.7, 1.0)  # share of final frames masked (§2.4)
+
+
+@dataclass
+class HiFTConfig:
+    """HiFT vocoder (NOTES.md §5)."""
+
+    base_channels: int = 512
+    nb_harmonics: int = 8
+    upsample_rates: tuple[int, ...] = (8, 5, 3)
+    upsample_kernel_sizes: tuple[int, ...] = (16, 11, 7)
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilations: tuple[int, ...] = (1, 3, 5)
+    source_resblock_kernel_sizes: tuple[int, ...] = (7, 7, 11)
+    istft_n_fft: int = 16
+    istft_hop: int = 4
+    f0_channels: int = 512
+    nsf_alpha: float = 0.1
+    nsf_sigma: float = 0.003
+    voiced_threshold: float = 10.0
+    lrelu_slope: float = 0.1
+    audio_limit: float = 0.99
+
+
+@dataclass
+class CAMPPlusConfig:
+    """CAM++ speaker embedding (Fig. 1 footnote; 192-d)."""
+
+    n_mels: int = 80
+    embedding_size: int = 192
+    growth_rate: int = 32
+    init_channels: int = 128
+    block_layers: tuple[int, ...] = (12, 24, 16)
+
+
+@dataclass
+class StreamingConfig:
+    """Streaming orchestration (§2.5; NOTES.md §3)."""
+
+    token_hop_len: int = 25
+    token_max_hop_len: int = 100
+    stream_scale_factor: int = 2
+    mel_cache_len: int = 8
+    source_cache_len: int = 8 * 480
+
+
+@dataclass
+class CorpusConfig:
+    """The self-made multi-speaker corpus (``python -m minicosy.data build``)."""
+
+    root: str = "data/corpus"
+    texts: str = "data/texts"
+    sample_rate: int = 24000
+    seed: int = 1234
+    dev_fraction: float = 0.05
+    test_fraction: float = 0.05
+    min_voices: int = 8
+
+
+@dataclass
+class MiniCosyConfig:
+    """The whole system; ``name`` is the preset it came from."""
+
+    name: str = "cosyvoice2_0p5b"
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    text: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
+    speech_tokenizer: SpeechTokenizerConfig = field(default_factory=SpeechTokenizerConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    hift: HiFTConfig = field(default_factory=HiFTConfig)
+    campplus: CAMPPlusConfig = field(default_factory=CAMPPlusConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+
+    @property
+    def token_rate(self) -> int:
+        """Speech tokens per second (25 Hz, §2.2)."""
+        return self.mel_rate // self.flow.token_mel_ratio
+
+    @property
+    def mel_rate(self) -> int:
+        """Mel frames per second (50 Hz, §2.4)."""
+        return self.features.sample_rate // self.features.hop_length
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cosyvoice2_0p5b() -> MiniCosyConfig:
+    """The official CosyVoice2-0.5B sizes: the dataclass defaults."""
+    return MiniCosyConfig(name="cosyvoice2_0p5b")
+
+
+def tiny() -> MiniCosyConfig:
+    """A model small enough to train every component on 2 CPU cores in minutes."""
+    cfg = MiniCosyConfig(name="tiny")
+    cfg.text = TextTokenizerConfig(vocab_size=2000)
+    cfg.speech_tokenizer = SpeechTokenizerConfig(
+        d_model=128, n_heads=4, encoder1_layers=2, encoder2_layers=2, fsmn_kernel=11)
+    cfg.lm = LMConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+    cfg.flow = FlowConfig(input_size=128, encoder_size=128, encoder_heads=2,
+                          encoder_linear_units=256, encoder_blocks=2, up_encoder_blocks=2,
+                          estimator_channels=128, estimator_attention_head_dim=32,
+                          estimator_heads=2, estimator_n_blocks=1, estimator_mid_blocks=2)
+    cfg.hift = HiFTConfig(base_channels=64, f0_channels=64)
+    cfg.campplus = CAMPPlusConfig(growth_rate=16, init_channels=32, block_layers=(2, 4, 3))
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "cosyvoice2_0p5b": cosyvoice2_0p5b}
+
+
+def get_config(name: str = "tiny") -> MiniCosyConfig:
+    """A fresh copy of a preset; raises ``ValueError`` for an unknown name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name]())
