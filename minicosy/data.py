@@ -232,7 +232,7 @@ class CorpusDataset(torch.utils.data.Dataset):
         return {**r, "wav": torch.from_numpy(wav), "sr": sr}
 
 
-def _print_stats(summary: dict) -> None:
+def print_stats(summary: dict) -> None:
     print(f"{summary['utterances']} utterances, {summary['hours']:.2f} h, {summary['voices']} voices")
     for title, key in (("language", "per_lang"), ("voice", "per_speaker"), ("split", "per_split")):
         print(f"\nper {title}:")
@@ -248,16 +248,20 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--workers", type=int, default=None)
     b.add_argument("--limit", type=int, default=None, help="at most N utterances per voice")
     b.add_argument("--force", action="store_true", help="rebuild over an existing corpus")
+    b.add_argument("--if-missing", action="store_true", help="do nothing if the corpus exists")
     s = sub.add_parser("stats", help="print hours per language / voice / split")
     s.add_argument("--root", default=CorpusConfig.root)
     args = parser.parse_args(argv)
     if args.cmd == "build":
+        if args.if_missing and (Path(args.root) / "manifest.jsonl").exists():
+            print(f"corpus already built under {args.root} (--force rebuilds it)")
+            return
         summary = build_corpus(CorpusConfig(root=args.root), args.workers, args.limit, args.force)
-        _print_stats(summary)
+        print_stats(summary)
         print(f"\nbuilt in {summary['build_seconds']} s; skipped engines: {summary['skipped_engines'] or 'none'}; "
               f"dropped {len(summary['dropped'])} utterances outside {MIN_SECONDS}-{MAX_SECONDS} s")
     else:
-        _print_stats(corpus_stats(load_manifest(args.root)))
+        print_stats(corpus_stats(load_manifest(args.root)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One-time set-up used by `make demo` and `make test`: Debian packages, a virtual environment that
+# keeps an already-installed torch, torch itself if missing, then the project with all extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+# TTS engines of the corpus, plus what building webrtcvad (resemblyzer) and a venv need.
+APT_PACKAGES="flite espeak-ng libsndfile1"
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
+  echo "minicosy needs Python >= 3.10 (found $("$PYTHON" --version 2>&1))" >&2; exit 1; }
+
+missing=""
+if command -v dpkg >/dev/null; then
+  for p in $APT_PACKAGES; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
+  done
+  command -v gcc >/dev/null || missing="$missing gcc"
+  "$PYTHON" -c 'import ensurepip' 2>/dev/null || missing="$missing python3-venv"
+  "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || missing="$missing python3-dev"
+fi
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian packages:$missing"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
+  else
+    echo "Debian packages missing:$missing -- install them with:"
+    echo "  sudo apt-get install -y$missing"
+    echo "(the corpus skips TTS engines that are not installed)"
+  fi
+fi
+
+# --system-site-packages: a torch already installed for this Python is kept, not replaced.
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
+PY="$VENV/bin/python"
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+  # On the project's machines this takes the local CPU build; an unpinned torch would pull CUDA.
+  "$PY" -m pip install -q torch==2.13.0
+fi
+"$PY" -m pip install -q -e ".[dev,data,eval]"
+echo "set-up done: $("$PY" -c 'import torch, minicosy; print("torch", torch.__version__)')"

@@ -1,0 +1,33 @@
+"""Shared paths and skips: reference material lives in ../shared, the corpus in data/corpus."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GOLDEN = SHARED / "reference" / "golden"
+MANIFESTS = SHARED / "reference" / "manifests"
+SHARED_DATA = SHARED / "data"
+CORPUS = ROOT / "data" / "corpus"
+
+
+def need(path: Path, what: str) -> Path:
+    """Skip (with the reason) where optional reference material is absent, e.g. a user's clone."""
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (it ships beside the repo as ../shared)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def frontend_fixtures() -> dict:
+    return torch.load(need(GOLDEN / "frontend_fixtures.pt", "golden front-end fixtures"), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def corpus_root() -> Path:
+    if not (CORPUS / "manifest.jsonl").exists():
+        pytest.skip("corpus not built: run `python -m minicosy.data build` (make test does)")
+    return CORPUS

@@ -1,0 +1,109 @@
+"""The shipped sentences, the deterministic corpus plan, a small real build, and the built corpus."""
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from minicosy.config import CorpusConfig
+from minicosy.data import (LANGS, CorpusDataset, build_corpus, corpus_stats, load_manifest, plan_corpus, read_texts,
+                           sentence_split)
+from minicosy.engines import VOICES, engine_available, synthesize
+
+from .conftest import ROOT
+
+TEXTS = ROOT / "data" / "texts"
+FIELDS = {"id", "text", "lang", "speaker", "engine", "gender", "path", "duration", "sample_rate", "split"}
+
+
+def test_shipped_sentences():
+    texts = read_texts(TEXTS)
+    minimum = {"en": 600, "zh": 400, "ja": 150, "ko": 100}
+    for lang, n in minimum.items():
+        assert len(texts[lang]) >= n, lang
+        assert len(set(texts[lang])) == len(texts[lang]), f"duplicate {lang} sentences"
+    en = texts["en"]
+    assert sum(bool(re.search(r"\d", s)) for s in en) >= 100              # numbers
+    assert sum(s.endswith("?") for s in en) >= 100                        # questions
+    assert sum(bool(re.search(r"\d", s)) for s in texts["zh"]) >= 40
+    assert not any(re.search(r"[A-Za-z]", s) for lang in ("zh", "ja", "ko") for s in texts[lang])
+
+
+def test_plan_is_deterministic_and_keeps_heldout_voices_out_of_training():
+    cfg = CorpusConfig(texts=str(TEXTS))
+    texts = read_texts(TEXTS)
+    a, b = plan_corpus(texts, VOICES, cfg), plan_corpus(texts, VOICES, cfg)
+    assert [(j.id, j.split) for j in a] == [(j.id, j.split) for j in b]
+    assert len({j.id for j in a}) == len(a)
+    heldout = {v.name for v in VOICES if v.heldout}
+    assert heldout and all((j.split == "heldout") == (j.voice.name in heldout) for j in a)
+    # every rendering of one sentence lands in the same split (no text leaks from train to test)
+    by_sentence = {}
+    for j in a:
+        if j.split != "heldout":
+            assert by_sentence.setdefault(j.id.split("-")[-1], j.split) == j.split
+    splits = Counter(sentence_split(f"en{i:04d}", cfg) for i in range(1000))
+    assert 20 < splits["dev"] < 90 and 20 < splits["test"] < 90
+    assert plan_corpus(texts, VOICES, CorpusConfig(seed=7)) != a
+
+
+def test_voices_cover_languages_and_engines():
+    assert len(VOICES) >= 12
+    assert {v.lang for v in VOICES} == set(LANGS)
+    assert len({v.name for v in VOICES}) == len(VOICES)
+    assert {v.engine for v in VOICES} == {"flite", "espeak", "hibari", "piper", "openjtalk"}
+
+
+def test_empty_text_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        synthesize(VOICES[0], "   ")
+
+
+def test_small_build(tmp_path, monkeypatch):
+    available = [v for v in VOICES if engine_available(v.engine)]
+    if len(available) < 8:
+        pytest.skip("fewer than 8 voices' engines installed")
+    cfg = CorpusConfig(root=str(tmp_path / "corpus"), texts=str(TEXTS))
+    summary = build_corpus(cfg, workers=2, limit=1)
+    records = load_manifest(cfg.root)
+    assert len(records) == len(available) == summary["utterances"]
+    for r in records:
+        assert set(r) == FIELDS
+        info = sf.info(tmp_path / "corpus" / r["path"])
+        assert info.samplerate == 24000 and info.channels == 1
+        assert abs(info.duration - r["duration"]) < 1e-3
+    with pytest.raises(FileExistsError):
+        build_corpus(cfg)
+    # a build that ends with too few voices fails clearly
+    monkeypatch.setattr("minicosy.data.engine_available", lambda engine: engine == "flite")
+    with pytest.raises(RuntimeError, match="only 4 voices"), pytest.warns(UserWarning, match="not installed"):
+        build_corpus(CorpusConfig(root=str(tmp_path / "few"), texts=str(TEXTS)), workers=1, limit=1)
+
+
+def test_load_manifest_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="build the corpus"):
+        load_manifest(tmp_path)
+
+
+def test_built_corpus(corpus_root):
+    records = load_manifest(corpus_root)
+    stats = corpus_stats(records)
+    summary = json.loads((corpus_root / "corpus.json").read_text())
+    print(f"\ncorpus: {stats['hours']:.2f} h, {stats['voices']} voices, built in {summary['build_seconds']} s, "
+          f"skipped engines {summary['skipped_engines']}")
+    for lang, s in stats["per_lang"].items():
+        print(f"  {lang}: {s['hours'] * 60:.1f} min, {s['utterances']} utterances")
+    assert stats["voices"] >= 12 and len(stats["per_lang"]) >= 3
+    assert 1.2 <= stats["hours"] <= 2.5
+    assert summary["build_seconds"] <= 600
+    assert {r["split"] for r in records} == {"train", "dev", "test", "heldout"}
+    assert all(1.0 <= r["duration"] <= 15.0 and r["sample_rate"] == 24000 for r in records)
+    train_speakers = {r["speaker"] for r in records if r["split"] == "train"}
+    assert not train_speakers & {r["speaker"] for r in records if r["split"] == "heldout"}
+    ds = CorpusDataset(corpus_root, split="dev", langs=("en",))
+    item = ds[0]
+    assert item["sr"] == 24000 and item["lang"] == "en"
+    assert abs(len(item["wav"]) / 24000 - item["duration"]) < 1e-3
+    assert 0.85 < float(np.abs(item["wav"].numpy()).max()) < 0.95      # peak-normalised to 0.9

@@ -1,0 +1,74 @@
+"""Evaluators: text normalisation for WER, an independent ASR and speaker model on real speech."""
+import csv
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from minicosy.audio import load_wav
+from minicosy.eval import (SpeakerEncoder, SphinxASR, equal_error_rate, error_rate, normalize_for_wer,
+                           trial_scores)
+
+from .conftest import SHARED_DATA, need
+
+
+def test_normalize_for_wer():
+    assert normalize_for_wer("Dr. Smith's 3 cats -- well-fed!", "en") == "dr smith's three cats well fed"
+    assert normalize_for_wer("  'Quoted' words.", "en") == "quoted words"
+    assert normalize_for_wer("我买了2个苹果，好吗？", "zh") == "我买了两个苹果好吗"
+    assert normalize_for_wer("今日は、晴れ。", "ja") == "今日は晴れ"
+    assert normalize_for_wer("안녕 하세요.", "ko") == "안녕하세요"
+    with pytest.raises(ValueError, match="unsupported language"):
+        normalize_for_wer("x", "fr")
+    with pytest.raises(ValueError, match="expected a string"):
+        normalize_for_wer(None, "en")
+
+
+def test_error_rate_by_hand():
+    # 1 substitution + 1 deletion over 6 reference words
+    assert error_rate(["the cat sat on the mat"], ["the cat sit on mat"], "en") == pytest.approx(2 / 6)
+    assert error_rate(["It costs $5."], ["it costs five dollars"], "en") == 0.0
+    # CER: 1 substitution over 4 characters
+    assert error_rate(["你好世界"], ["你好视界"], "zh") == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        error_rate(["a"], [], "en")
+
+
+def test_equal_error_rate_by_hand():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.4, 0.3])
+    assert equal_error_rate(scores, np.array([1, 1, 1, 0, 0, 0]))[0] == 0.0
+    eer, _ = equal_error_rate(scores, np.array([1, 1, 0, 1, 0, 0]))
+    assert eer == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="both"):
+        equal_error_rate(scores, np.ones(6))
+
+
+def test_pocketsphinx_wer_on_ljspeech():
+    folder = need(SHARED_DATA / "ljspeech_lj001", "LJSpeech clips")
+    with open(folder / "metadata.csv", encoding="utf-8") as f:
+        meta = dict(row[:2] for row in csv.reader(f, delimiter="|"))
+    ids = sorted(meta)[:8]
+    asr = SphinxASR()
+    hyps = [asr.transcribe(*load_wav(folder / f"{i}.flac")) for i in ids]
+    wer = error_rate([meta[i] for i in ids], hyps, "en")
+    print(f"\npocketsphinx WER on {len(ids)} LJSpeech clips: {wer:.3f}")
+    assert np.isfinite(wer) and wer < 0.6
+
+
+def test_resemblyzer_separates_librispeech_speakers():
+    folder = need(SHARED_DATA / "librispeech_test-other", "LibriSpeech speakers")
+    enc = SpeakerEncoder()
+    embeddings, speakers = [], []
+    for spk_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for path in sorted(spk_dir.glob("*.flac"))[:3]:
+            embeddings.append(enc.embed(*load_wav(path)))
+            speakers.append(spk_dir.name)
+    scores, labels = trial_scores(np.stack(embeddings), speakers)
+    same, diff = scores[labels == 1].mean(), scores[labels == 0].mean()
+    eer, _ = equal_error_rate(scores, labels)
+    print(f"\nresemblyzer: same-speaker cosine {same:.3f}, different {diff:.3f}, EER {eer:.3f}")
+    assert same > diff + 0.15
+    per_speaker = defaultdict(list)
+    for s, e in zip(speakers, embeddings):
+        per_speaker[s].append(e)
+    assert len(per_speaker) == 10
