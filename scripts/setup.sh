@@ -40,4 +40,6 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0
 fi
 "$PY" -m pip install -q -e ".[dev,data,eval]"
+# notebooks run on this environment's Python (not a system-wide "python3" kernel)
+"$PY" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (minicosy)" >/dev/null
 echo "set-up done: $("$PY" -c 'import torch, minicosy; print("torch", torch.__version__)')"
