@@ -80,6 +80,8 @@ class LMConfig:
     num_key_value_heads: int = 2
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    attn_implementation: str = "sdpa"  # HF attention kernel ("sdpa" or "eager"); both match the golden
     speech_token_size: int = 6561     # = (2K+1)^D speech codes
     sos_id: int = 0                   # rows of the 2-row llm_embedding
     task_id: int = 1
@@ -99,6 +101,11 @@ class LMConfig:
     def fill_id(self) -> int:
         return self.speech_token_size + 2
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end generation: EOS, the unused 6562 and the fill token (NOTES.md §2)."""
+        return tuple(self.speech_token_size + i for i in range(3))
+
 
 @dataclass
 class FlowConfig:
@@ -110,8 +117,11 @@ class FlowConfig:
     encoder_heads: int = 8
     encoder_linear_units: int = 2048
     encoder_blocks: int = 6           # before up-sampling
-    up_encoder_blocks: int = 4        # after up-sampling
+    up_encoder_blocks: int = 4        # after up-sampling (hard-coded 4 in the official encoder)
+    encoder_dropout: float = 0.1      # embedding, positional, attention, residual and FFN dropout
     pre_lookahead_len: int = 3        # P
+    pre_lookahead_channels: int = 512  # hidden width of the look-ahead conv (hard-coded 512 officially)
+    upsample_channels: int = 512      # Upsample1D output = up_embed input (hard-coded 512 officially)
     token_mel_ratio: int = 2
     n_mels: int = 80
     spk_embed_dim: int = 192
@@ -126,12 +136,15 @@ class FlowConfig:
     training_cfg_rate: float = 0.2
     sigma_min: float = 1e-6
     prompt_mask_ratio: tuple[float, float] = (0.7, 1.0)  # share of final frames masked (§2.4)
+    training_recipe: str = "paper"    # "paper" (§2.4: L1, 4 masks) or "official" (NOTES.md §4a)
 
 
 @dataclass
 class HiFTConfig:
     """HiFT vocoder (NOTES.md §5)."""
 
+    in_channels: int = 80             # mel bins
+    sample_rate: int = 24000          # 24 kHz selects SineGen2 in the official code
     base_channels: int = 512
     nb_harmonics: int = 8
     upsample_rates: tuple[int, ...] = (8, 5, 3)
@@ -139,6 +152,7 @@ class HiFTConfig:
     resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
     resblock_dilations: tuple[int, ...] = (1, 3, 5)
     source_resblock_kernel_sizes: tuple[int, ...] = (7, 7, 11)
+    source_resblock_dilations: tuple[int, ...] = (1, 3, 5)
     istft_n_fft: int = 16
     istft_hop: int = 4
     f0_channels: int = 512
@@ -151,13 +165,19 @@ class HiFTConfig:
 
 @dataclass
 class CAMPPlusConfig:
-    """CAM++ speaker embedding (Fig. 1 footnote; 192-d)."""
+    """CAM++ speaker embedding (Fig. 1 footnote; 192-d; the official ``campplus.onnx``, NOTES.md §6)."""
 
     n_mels: int = 80
     embedding_size: int = 192
-    growth_rate: int = 32
-    init_channels: int = 128
-    block_layers: tuple[int, ...] = (12, 24, 16)
+    growth_rate: int = 32             # channels each CAM dense layer adds
+    bn_size: int = 4                  # bottleneck width = bn_size * growth_rate
+    init_channels: int = 128          # TDNN layer output
+    block_layers: tuple[int, ...] = (12, 24, 16)  # CAM dense layers per D-TDNN block
+    kernel_sizes: tuple[int, ...] = (3, 3, 3)     # per block
+    dilations: tuple[int, ...] = (1, 2, 2)        # per block
+    fcm_channels: int = 32            # FCM 2-D conv front-end width
+    fcm_blocks: tuple[int, ...] = (2, 2)          # residual blocks per FCM stage
+    seg_len: int = 100                # CAM segment pooling length (frames after the TDNN stride 2)
 
 
 @dataclass
@@ -229,9 +249,10 @@ def tiny() -> MiniCosyConfig:
     cfg.flow = FlowConfig(input_size=128, encoder_size=128, encoder_heads=2,
                           encoder_linear_units=256, encoder_blocks=2, up_encoder_blocks=2,
                           estimator_channels=128, estimator_attention_head_dim=32,
-                          estimator_heads=2, estimator_n_blocks=1, estimator_mid_blocks=2)
+                          estimator_heads=2, estimator_n_blocks=1, estimator_mid_blocks=2,
+                          pre_lookahead_channels=128, upsample_channels=128)
     cfg.hift = HiFTConfig(base_channels=64, f0_channels=64)
-    cfg.campplus = CAMPPlusConfig(growth_rate=16, init_channels=32, block_layers=(2, 4, 3))
+    cfg.campplus = CAMPPlusConfig(growth_rate=16, init_channels=32, block_layers=(2, 4, 3), fcm_channels=8)
     return cfg
 
 

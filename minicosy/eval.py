@@ -1,7 +1,8 @@
 """Objective evaluation with independent models (§3.3 in spirit): WER/CER, ASR, speaker similarity.
 
 * :func:`error_rate` -- WER (English) or CER (Mandarin, Japanese, Korean) with jiwer, after the
-  explicit normalisation of :func:`normalize_for_wer` (case, punctuation, numbers to words).
+  explicit normalisation of :func:`minicosy.textnorm.normalize_for_wer` (case, punctuation,
+  numbers to words).
 * :class:`SphinxASR` -- PyPI ``pocketsphinx``, an English recogniser that ships its acoustic and
   language model: independent of anything minicosy trains.
 * :class:`SpeakerEncoder` -- PyPI ``resemblyzer``'s d-vector (ships its weights), for speaker
@@ -17,37 +18,12 @@ Usage::
 """
 from __future__ import annotations
 
-import re
-import unicodedata
 import warnings
 
 import numpy as np
 
 from .audio import resample
-from .textnorm import en_numbers_to_words, zh_numbers_to_hanzi
-
-CHAR_LANGS = ("zh", "ja", "ko")
-
-
-def normalize_for_wer(text: str, lang: str) -> str:
-    """Text as compared for WER/CER: NFKC, numbers spelled out, lower case, no punctuation.
-
-    English keeps apostrophes inside words and splits hyphenated words; the character languages
-    drop all whitespace so that CER counts characters only.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"expected a string to normalise, got {type(text).__name__}")
-    text = unicodedata.normalize("NFKC", text)
-    if lang == "en":
-        text = en_numbers_to_words(text).lower().replace("-", " ")
-        text = re.sub(r"[^a-z0-9' ]+", " ", text)
-        text = re.sub(r"(?<![a-z])'|'(?![a-z])", " ", text)
-        return " ".join(text.split())
-    if lang == "zh":
-        text = zh_numbers_to_hanzi(text)
-    if lang in CHAR_LANGS:
-        return "".join(ch for ch in text.lower() if unicodedata.category(ch)[0] in "LN")
-    raise ValueError(f"unsupported language {lang!r}; expected 'en' or one of {CHAR_LANGS}")
+from .textnorm import CHAR_LANGS, normalize_for_wer
 
 
 def error_rate(references: list[str], hypotheses: list[str], lang: str) -> float:

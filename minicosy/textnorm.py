@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import re
+import unicodedata
 
 _DIGITS = "零一二三四五六七八九"
 _UNITS = ["", "十", "百", "千"]
@@ -164,3 +165,92 @@ def en_numbers_to_words(text: str) -> str:
     text = re.sub(r"\b(\d+)(?:st|nd|rd|th)\b", ordinal, text)
     text = re.sub(r"\b(\d+)\.(\d+)\b", decimal, text)
     return re.sub(r"\b\d{1,3}(?:,\d{3})+\b|\b\d+\b", integer, text)
+
+
+KANA_RE = re.compile(r"[\u3040-\u30ff]")
+HANGUL_RE = re.compile(r"[\uac00-\ud7af\u1100-\u11ff\u3130-\u318f]")
+HAN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_SPECIAL = re.compile(r"<\|[^|]*\|>")
+
+
+def detect_language(text: str) -> str:
+    """A script-based guess: kana → ja, Hangul → ko, Han → zh, else en."""
+    if KANA_RE.search(text):
+        return "ja"
+    if HANGUL_RE.search(text):
+        return "ko"
+    if HAN_RE.search(text):
+        return "zh"
+    return "en"
+
+
+def normalize_text(text: str, lang: str | None = None) -> str:
+    """What the official front-end does before tokenising (NOTES.md §7), without its external
+    normalisers: numbers to words (en) or Chinese numerals (zh); for Mandarin, no newlines, no
+    spaces between non-ASCII characters, '.' → '。', ' - ' → '，', brackets dropped, trailing
+    commas closed with '。'. Text containing special tokens (``<|...|>``) is left as it is."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    text = text.strip()
+    if not text or _SPECIAL.search(text):
+        return text
+    lang = lang or detect_language(text)
+    if lang == "en":
+        return re.sub(r"\s+", " ", en_numbers_to_words(text))
+    if lang == "zh":
+        text = text.replace("\n", "")
+        text = re.sub(r"(?<![A-Za-z0-9]) | (?![A-Za-z0-9])", "", text)
+        text = text.replace("²", "平方").replace("³", "立方").replace(" - ", "，")
+        text = zh_numbers_to_hanzi(text).replace(".", "。")
+        text = re.sub(r"[（）【】`]", "", text).replace("——", " ")
+        return re.sub(r"[，,、]+$", "。", text)
+    return re.sub(r"\s+", " ", text)
+
+
+_SENTENCE_END = {"en": r"(?<=[.!?;])\s+", "zh": r"(?<=[。！？；])", "ja": r"(?<=[。！？])", "ko": r"(?<=[.!?])\s+"}
+
+
+def split_sentences(text: str, lang: str | None = None, max_len: int = 80, min_len: int = 20) -> list[str]:
+    """Split long input into sentences, then merge neighbours up to ``max_len`` units (characters
+    for zh/ja/ko, words for en) and fold a tail shorter than ``min_len`` into its predecessor, as
+    the official front-end does before synthesising piece by piece. Punctuation-only pieces go."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    lang = lang or detect_language(text)
+    size = (lambda s: len(s.split())) if lang == "en" else len
+    pieces = [p.strip() for p in re.split(_SENTENCE_END.get(lang, _SENTENCE_END["en"]), text.strip())]
+    pieces = [p for p in pieces if re.search(r"\w", p)]
+    merged: list[str] = []
+    joiner = " " if lang in ("en", "ko") else ""
+    for p in pieces:
+        if merged and size(merged[-1]) + size(p) <= max_len:
+            merged[-1] = merged[-1] + joiner + p
+        else:
+            merged.append(p)
+    if len(merged) > 1 and size(merged[-1]) < min_len:
+        merged[-2] = merged[-2] + joiner + merged.pop()
+    return merged
+
+
+CHAR_LANGS = ("zh", "ja", "ko")
+
+
+def normalize_for_wer(text: str, lang: str) -> str:
+    """Text as compared for WER/CER: NFKC, numbers spelled out, lower case, no punctuation.
+
+    English keeps apostrophes inside words and splits hyphenated words; the character languages
+    drop all whitespace so that CER counts characters only.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string to normalise, got {type(text).__name__}")
+    text = unicodedata.normalize("NFKC", text)
+    if lang == "en":
+        text = en_numbers_to_words(text).lower().replace("-", " ")
+        text = re.sub(r"[^a-z0-9' ]+", " ", text)
+        text = re.sub(r"(?<![a-z])'|'(?![a-z])", " ", text)
+        return " ".join(text.split())
+    if lang == "zh":
+        text = zh_numbers_to_hanzi(text)
+    if lang in CHAR_LANGS:
+        return "".join(ch for ch in text.lower() if unicodedata.category(ch)[0] in "LN")
+    raise ValueError(f"unsupported language {lang!r}; expected 'en' or one of {CHAR_LANGS}")

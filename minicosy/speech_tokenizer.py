@@ -1,0 +1,384 @@
+"""The supervised semantic speech tokenizer (§2.2, Fig. 1a): an ASR model with an FSQ bottleneck.
+
+16 kHz audio → Whisper log-mel (128 bins, 100 Hz) → two stride-2 convolutions (25 Hz) →
+Encoder1 (transformer blocks with rotary position embedding and an FSMN memory branch, as the
+official speech_tokenizer_v2 builds them) → FSQ (eqs. 1-2) → Encoder2 → ASR head.
+
+The paper's ASR decoder is SenseVoice-Large's; at minicosy's scale the head is a **CTC classifier
+over characters** (blank = 0), trained with CTC loss: enough supervision to make the tokens
+*semantic* (they must carry what is said), which is the point of §2.2. Only conv + Encoder1 +
+FSQ are needed to tokenise; Encoder2 + head exist for training and for the ASR reward (§2.8).
+
+Length rule: a waveform of n samples at 16 kHz gives ``n // 160`` Whisper frames and
+``ceil(frames / 4)`` tokens; :meth:`SpeechTokenizer.tokenize` pads to a multiple of 640 samples,
+so it returns exactly ``ceil(n / 640)`` tokens — 25 per second.
+
+Usage::
+
+    tok = SpeechTokenizer.from_checkpoint("data/checkpoints/speech_tokenizer_fsq.pt")
+    codes = tok.tokenize(wav, sr)                 # LongTensor (tokens,) in [0, 6561)
+    out = tok(mel, mel_lengths)                   # pre-/post-quantisation features, logits
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .audio import load_wav, resample, whisper_log_mel
+from .config import SpeechTokenizerConfig, get_config
+from .data import load_manifest
+from .fsq import FSQ, VectorQuantizer
+from .textnorm import normalize_for_wer
+from .train import TrainConfig, load_checkpoint, save_checkpoint, seed_everything, train_loop
+
+HOP = 160            # Whisper hop at 16 kHz
+SAMPLES_PER_TOKEN = 4 * HOP
+
+
+def num_tokens(num_samples: int) -> int:
+    """Tokens for a 16 kHz waveform of ``num_samples`` once padded to whole tokens (25 per second)."""
+    return math.ceil(num_samples / SAMPLES_PER_TOKEN)
+
+
+def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (RoPE) over the last dim of (B, heads, T, head_dim)."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)[:, None] * freqs
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class FSMNAttention(nn.Module):
+    """Multi-head self-attention with RoPE on q/k, plus an FSMN memory: a depthwise convolution
+    over the values added to the attention output (official v2 tokenizer structure)."""
+
+    def __init__(self, dim: int, heads: int, fsmn_kernel: int):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key = nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False)
+        self.value, self.out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.fsmn_block = nn.Conv1d(dim, dim, fsmn_kernel, padding=fsmn_kernel // 2, groups=dim, bias=False)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        keep = (~pad).unsqueeze(-1).float()
+        q, k, v = (f(x).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.query, self.key, self.value))
+        attn = F.scaled_dot_product_attention(rotary(q), rotary(k), v, attn_mask=~pad[:, None, None, :])
+        attn = attn.transpose(1, 2).reshape(b, t, d)
+        v_seq = v.transpose(1, 2).reshape(b, t, d) * keep
+        memory = (self.fsmn_block(v_seq.transpose(1, 2)).transpose(1, 2) + v_seq) * keep
+        return self.out(attn) + memory
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: FSMN attention and a GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, fsmn_kernel: int):
+        super().__init__()
+        self.attn_ln, self.attn = nn.LayerNorm(dim), FSMNAttention(dim, heads, fsmn_kernel)
+        self.mlp_ln = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_ln(x), pad)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class SpeechTokenizer(nn.Module):
+    """conv ×2 → Encoder1 → FSQ (or VQ, the Table 4 baseline) → Encoder2 → CTC head."""
+
+    def __init__(self, cfg: SpeechTokenizerConfig, vocab: list[str], quantizer: str = "fsq"):
+        super().__init__()
+        if quantizer not in ("fsq", "vq"):
+            raise ValueError(f"quantizer must be 'fsq' or 'vq', got {quantizer!r}")
+        d = cfg.d_model
+        self.cfg, self.vocab, self.quantizer_kind = cfg, list(vocab), quantizer
+        self.conv1 = nn.Conv1d(cfg.n_mels, d, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(d, d, 3, stride=2, padding=1)
+        self.encoder1 = nn.ModuleList(Block(d, cfg.n_heads, cfg.fsmn_kernel) for _ in range(cfg.encoder1_layers))
+        self.quantizer = (FSQ(d, cfg.fsq_levels, cfg.fsq_dim) if quantizer == "fsq"
+                          else VectorQuantizer(d, cfg.vq_codebook_size, cfg.fsq_dim))
+        self.encoder2 = nn.ModuleList(Block(d, cfg.n_heads, cfg.fsmn_kernel) for _ in range(cfg.encoder2_layers))
+        self.ln_post = nn.LayerNorm(d)
+        self.ctc_head = nn.Linear(d, len(self.vocab) + 1)          # id 0 = CTC blank
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @staticmethod
+    def token_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
+        """Frames after the two stride-2 convolutions: ceil(ceil(T/2)/2)."""
+        return (((mel_lengths - 1) // 2) - 1) // 2 + 1
+
+    def encode(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder1 output H (B, T', d) before quantisation, and the padding mask (True = pad)."""
+        x = F.gelu(self.conv2(F.gelu(self.conv1(mel)))).transpose(1, 2)
+        lengths = self.token_lengths(mel_lengths)
+        pad = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]
+        for block in self.encoder1:
+            x = block(x, pad)
+        return x, pad
+
+    def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything §2.2 and the notebooks look at: ``pre`` (Encoder1 output), ``codes``,
+        ``post`` (Proj_up of the quantised digits), CTC ``log_probs``, ``lengths``, ``aux_loss``."""
+        pre, pad = self.encode(mel, mel_lengths)
+        post, codes, aux = self.quantizer(pre)
+        x = post
+        for block in self.encoder2:
+            x = block(x, pad)
+        log_probs = self.ctc_head(self.ln_post(x)).log_softmax(-1)
+        return {"pre": pre, "post": post, "codes": codes, "log_probs": log_probs, "pad": pad,
+                "lengths": (~pad).sum(-1), "aux_loss": aux}
+
+    def asr_log_probs(self, post: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Encoder2 + head on given quantised features (the ASR reward of §2.8, eq. 15)."""
+        for block in self.encoder2:
+            post = block(post, pad)
+        return self.ctc_head(self.ln_post(post)).log_softmax(-1)
+
+    @torch.no_grad()
+    def tokenize(self, wav: np.ndarray | torch.Tensor, sr: int) -> torch.Tensor:
+        """Speech tokens of one waveform at exactly 25 per second (see the module's length rule)."""
+        wav = np.asarray(wav, dtype=np.float32).reshape(-1)
+        wav = resample(wav, sr, 16000)
+        if wav.size == 0 or float(np.abs(wav).max()) < 1e-5:
+            raise ValueError("cannot tokenise empty or silent audio")
+        wav = np.pad(wav, (0, num_tokens(wav.size) * SAMPLES_PER_TOKEN - wav.size))
+        mel = whisper_log_mel(torch.from_numpy(wav)).unsqueeze(0)
+        pre, _ = self.encode(mel, torch.tensor([mel.shape[-1]]))
+        return self.quantizer(pre)[1][0]
+
+    def greedy_transcripts(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """CTC greedy decoding: best id per frame, merge repeats, drop blanks."""
+        best = log_probs.argmax(-1)
+        out = []
+        for row, n in zip(best, lengths):
+            ids = torch.unique_consecutive(row[:n])
+            out.append("".join(self.vocab[i - 1] for i in ids.tolist() if i > 0))
+        return out
+
+    def model_config(self) -> dict:
+        return {"cfg": asdict(self.cfg), "vocab": self.vocab, "quantizer": self.quantizer_kind}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "SpeechTokenizer":
+        ckpt = load_checkpoint(path)
+        mc = ckpt["model_config"]
+        model = cls(SpeechTokenizerConfig(**mc["cfg"]), mc["vocab"], mc["quantizer"])
+        model.load_state_dict(ckpt["state_dict"])
+        return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on the corpus (§4.1 at small scale): CTC over characters, FSQ or VQ bottleneck.
+
+def transcript(text: str, lang: str) -> str:
+    """The CTC target: the WER normalisation (numbers spelled out, no punctuation, lower case)."""
+    return normalize_for_wer(text, lang)
+
+
+def load_features(corpus_root: str | Path, split: str) -> list[dict]:
+    """Manifest records of a split with their 16 kHz Whisper log-mels (cached beside the corpus)."""
+    cache = Path(corpus_root) / "cache" / f"whisper_mel_{split}.pt"
+    records = load_manifest(corpus_root, split)
+    if cache.exists():
+        mels = torch.load(cache, weights_only=True)
+        if len(mels) == len(records) and all(r["id"] in mels for r in records):
+            return [{**r, "mel": mels[r["id"]]} for r in records]
+    mels = {}
+    for r in records:
+        wav, _ = load_wav(Path(corpus_root) / r["path"], 16000)
+        wav = np.pad(wav, (0, num_tokens(wav.size) * SAMPLES_PER_TOKEN - wav.size))
+        mels[r["id"]] = whisper_log_mel(torch.from_numpy(wav)).half()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(mels, cache)
+    return [{**r, "mel": mels[r["id"]]} for r in records]
+
+
+def build_vocab(records: list[dict]) -> list[str]:
+    """Every character of the training transcripts, sorted (ids 1.. ; 0 is the CTC blank)."""
+    return sorted({ch for r in records for ch in transcript(r["text"], r["lang"])})
+
+
+def collate(items: list[dict], vocab: list[str]) -> dict[str, torch.Tensor]:
+    """Pad mels to the longest item; targets as concatenated character ids (unknown chars dropped)."""
+    index = {ch: i + 1 for i, ch in enumerate(vocab)}
+    lengths = torch.tensor([it["mel"].shape[-1] for it in items])
+    mel = torch.zeros(len(items), items[0]["mel"].shape[0], int(lengths.max()))
+    for i, it in enumerate(items):
+        mel[i, :, : lengths[i]] = it["mel"].float()
+    targets = [torch.tensor([index[c] for c in transcript(it["text"], it["lang"]) if c in index]) for it in items]
+    return {"mel": mel, "mel_lengths": lengths, "targets": torch.cat(targets),
+            "target_lengths": torch.tensor([len(t) for t in targets])}
+
+
+def length_batches(records: list[dict], batch_frames: int, rng: np.random.Generator):
+    """Endless length-bucketed batches of about ``batch_frames`` mel frames, reshuffled each epoch."""
+    order = sorted(range(len(records)), key=lambda i: records[i]["mel"].shape[-1])
+    batches, current, frames = [], [], 0
+    for i in order:
+        current.append(records[i])
+        frames += records[i]["mel"].shape[-1]
+        if frames >= batch_frames:
+            batches.append(current)
+            current, frames = [], 0
+    if current:
+        batches.append(current)
+    while True:
+        for k in rng.permutation(len(batches)):
+            yield batches[k]
+
+
+def ctc_loss(model: SpeechTokenizer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(batch["mel"], batch["mel_lengths"])
+    loss = F.ctc_loss(out["log_probs"].transpose(0, 1), batch["targets"], out["lengths"], batch["target_lengths"],
+                      blank=0, zero_infinity=True)
+    return loss + out["aux_loss"]
+
+
+@torch.no_grad()
+def evaluate(model: SpeechTokenizer, records: list[dict], batch_size: int = 16) -> dict:
+    """Held-out CER of the ASR head (characters, all languages pooled), codes used of the codebook,
+    and the codes themselves."""
+    import jiwer
+
+    refs, hyps, codes = [], [], []
+    for k in range(0, len(records), batch_size):
+        items = records[k: k + batch_size]
+        batch = collate(items, model.vocab)
+        out = model(batch["mel"], batch["mel_lengths"])
+        hyps += model.greedy_transcripts(out["log_probs"], out["lengths"])
+        refs += [transcript(it["text"], it["lang"]) for it in items]
+        codes += [c[:n] for c, n in zip(out["codes"], out["lengths"])]
+    all_codes = torch.cat(codes)
+    return {"cer": float(jiwer.cer(refs, hyps)), "codes_used": int(all_codes.unique().numel()),
+            "codebook_size": model.codebook_size, "hypotheses": hyps[:5], "references": refs[:5]}
+
+
+def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "fsq", preset: str = "tiny",
+                    minutes: float = 8.0, out: str | Path | None = None, seed: int = 0,
+                    threads: int = 2) -> tuple[SpeechTokenizer, dict]:
+    """Train the tiny tokenizer on the corpus' train split; evaluate on dev + test; save."""
+    seed_everything(seed)
+    train = load_features(corpus_root, "train")
+    held = load_features(corpus_root, "dev") + load_features(corpus_root, "test")
+    model = SpeechTokenizer(get_config(preset).speech_tokenizer, build_vocab(train), quantizer)
+    tcfg = TrainConfig(lr=2e-3, max_minutes=minutes, seed=seed, warmup_steps=300, threads=threads)
+    tcfg.max_steps = int(minutes * 60 * 3.5)   # ≈ steps that fit the time budget on 2 cores
+    batches = length_batches(train, batch_frames=int(tcfg.batch_seconds * 100), rng=np.random.default_rng(seed))
+    start = time.time()
+    log = train_loop(model, (collate(b, model.vocab) for b in batches), lambda b: ctc_loss(model, b), tcfg,
+                     desc=f"speech tokenizer ({quantizer})")
+    metrics = evaluate(model, held)
+    metrics["train_seconds"] = round(time.time() - start, 1)
+    print(f"held-out CER {metrics['cer']:.3f}; codes used {metrics['codes_used']} / {metrics['codebook_size']}")
+    if out is not None:
+        save_checkpoint(out, model, model.model_config(), tcfg, log, metrics=metrics)
+    return model, metrics
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """``python -m minicosy.train tokenizer [--quantizer fsq|vq] [--minutes 8] [--out PATH]``."""
+    p = argparse.ArgumentParser(prog="python -m minicosy.train tokenizer")
+    p.add_argument("--quantizer", choices=["fsq", "vq"], default="fsq")
+    p.add_argument("--minutes", type=float, default=8.0)
+    p.add_argument("--corpus", default="data/corpus")
+    p.add_argument("--out", default=None, help="default: data/checkpoints/speech_tokenizer_<quantizer>.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    out = a.out or f"data/checkpoints/speech_tokenizer_{a.quantizer}.pt"
+    train_tokenizer(a.corpus, a.quantizer, minutes=a.minutes, out=out, seed=a.seed, threads=a.threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# The official tokenizer ships as ONNX (speech_tokenizer_v2.onnx, NOTES.md §6): inputs
+# ``feats`` (1, 128, T) float32 and ``feats_length`` (1,) int32, output codes at 25 Hz.
+
+class _TokenizerFront(nn.Module):
+    """conv + Encoder1 + FSQ index: the part of the model that the ONNX file contains."""
+
+    def __init__(self, model: SpeechTokenizer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor, feats_length: torch.Tensor) -> torch.Tensor:
+        pre, _ = self.model.encode(feats, feats_length.long())
+        return self.model.quantizer(pre)[1]
+
+
+def export_onnx(model: SpeechTokenizer, path: str | Path) -> Path:
+    """Write the tokenising part of ``model`` to ONNX with the official input/output layout.
+    Constant folding is off so that every initializer keeps its parameter's name."""
+    path = Path(path)
+    front = _TokenizerFront(model.eval())
+    feats = torch.randn(1, model.cfg.n_mels, 200)
+    torch.onnx.export(front, (feats, torch.tensor([200], dtype=torch.int32)), str(path), dynamo=False,
+                      input_names=["feats", "feats_length"], output_names=["indices"], opset_version=17,
+                      dynamic_axes={"feats": {0: "batch", 2: "frames"}, "feats_length": {0: "batch"},
+                                    "indices": {0: "batch", 1: "tokens"}}, do_constant_folding=False)
+    return path
+
+
+class OnnxSpeechTokenizer:
+    """An ONNX tokenizer file (the official one, or :func:`export_onnx`'s) behind :meth:`tokenize`."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"speech tokenizer ONNX file {path} not found")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def tokenize(self, wav: np.ndarray | torch.Tensor, sr: int) -> torch.Tensor:
+        """Same preprocessing and length rule as :meth:`SpeechTokenizer.tokenize`."""
+        wav = resample(np.asarray(wav, dtype=np.float32).reshape(-1), sr, 16000)
+        if wav.size == 0 or float(np.abs(wav).max()) < 1e-5:
+            raise ValueError("cannot tokenise empty or silent audio")
+        wav = np.pad(wav, (0, num_tokens(wav.size) * SAMPLES_PER_TOKEN - wav.size))
+        mel = whisper_log_mel(torch.from_numpy(wav)).unsqueeze(0).numpy()
+        feed = {self.inputs[0]: mel, self.inputs[1]: np.array([mel.shape[-1]], dtype=np.int32)}
+        return torch.from_numpy(self.session.run(None, feed)[0].reshape(-1).astype(np.int64))
+
+
+def load_from_onnx(path: str | Path, model: SpeechTokenizer, name_map: dict[str, str] | None = None) -> SpeechTokenizer:
+    """Copy an ONNX file's initializers into ``model``'s conv/Encoder1/FSQ parameters.
+
+    Initializers are matched by name (``name_map`` renames ONNX names to minicosy's first, as the
+    official file's node naming requires); shapes must agree. Parameters the ONNX file does not
+    hold (Encoder2, the ASR head, Proj_up) are left as they are. Raises ``ValueError`` naming
+    every tokenizer parameter that is missing or has the wrong shape.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    weights = {(name_map or {}).get(t.name, t.name): torch.from_numpy(numpy_helper.to_array(t).copy())
+               for t in graph.initializer}
+    state = model.state_dict()
+    prefix = "model."
+    wanted = [k for k in state if k.startswith(("conv1.", "conv2.", "encoder1.", "quantizer.proj_down.",
+                                                "quantizer.codebook."))]
+    missing = [k for k in wanted if prefix + k not in weights]
+    wrong = [f"{k} {tuple(weights[prefix + k].shape)} != {tuple(state[k].shape)}"
+             for k in wanted if prefix + k in weights and weights[prefix + k].shape != state[k].shape]
+    if missing or wrong:
+        raise ValueError(f"ONNX file {path} does not fit the tokenizer: missing {missing}; shape conflicts {wrong}")
+    model.load_state_dict({k: weights[prefix + k] for k in wanted}, strict=False)
+    return model

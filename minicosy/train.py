@@ -1,0 +1,163 @@
+"""Shared training utilities: seeding, AdamW with warm-up + cosine decay, gradient clipping, a
+time- or step-bounded loop with a tqdm bar, and checkpoints that record how they were made.
+
+Each component keeps its own recipe next to its model (e.g. ``speech_tokenizer.train_tokenizer``);
+``python -m minicosy.train NAME`` runs a recipe by name from :data:`RECIPES` (resolved at run
+time, so this ground-floor module imports no component).
+
+Usage::
+
+    python -m minicosy.train tokenizer            # the FSQ speech tokenizer, ~8 min on 2 cores
+    python -m minicosy.train tokenizer --quantizer vq
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+RECIPES = {"tokenizer": "minicosy.speech_tokenizer:train_main"}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every recipe."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 200
+    max_steps: int = 100_000
+    max_minutes: float = 8.0
+    grad_clip: float = 1.0
+    batch_seconds: float = 60.0      # audio seconds per batch (length-bucketed batches)
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 25
+
+
+@dataclass
+class TrainLog:
+    """Loss curve and wall time of a run (stored in the checkpoint)."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (used by training scripts only, never by model constructors)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no decay on biases and norms) with linear warm-up then cosine decay to 10%."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[object], torch.Tensor],
+               cfg: TrainConfig, desc: str = "training") -> TrainLog:
+    """Optimise ``loss_fn(batch)`` until ``max_steps`` or ``max_minutes``, whichever comes first.
+    The schedule's horizon is ``max_steps``; set it to the step count the time budget allows."""
+    torch.set_num_threads(cfg.threads)
+    opt, sched = make_optimizer(model, cfg)
+    log, start = TrainLog(), time.time()
+    model.train()
+    bar = tqdm(total=cfg.max_steps, desc=desc)
+    running = None
+    for step in range(cfg.max_steps):
+        if time.time() - start > 60 * cfg.max_minutes:
+            break
+        loss = loss_fn(next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % cfg.log_every == 0:
+            log.steps.append(step)
+            log.losses.append(round(running, 4))
+            bar.set_postfix(loss=f"{running:.3f}")
+        bar.update(1)
+    bar.close()
+    model.eval()
+    log.seconds = round(time.time() - start, 1)
+    return log
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, model_config: dict, train_cfg: TrainConfig,
+                    log: TrainLog, **extra) -> Path:
+    """Weights + everything needed to rebuild the model + how it was made (command, config, time,
+    git commit, loss curve). Weights are stored in float16 where that keeps files small."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "model_config": model_config, "train_config": asdict(train_cfg),
+                "log": asdict(log), "made_by": {"command": " ".join(sys.argv), "commit": _git_commit(),
+                                                 "torch": torch.__version__}, **extra}, path)
+    card = {"file": path.name, "model_config": model_config, "train_config": asdict(train_cfg),
+            "train_seconds": log.seconds, "final_loss": log.losses[-1] if log.losses else None,
+            "made_by": {"command": " ".join(sys.argv), "commit": _git_commit()},
+            **{k: v for k, v in extra.items() if isinstance(v, (int, float, str, dict, list))}}
+    path.with_suffix(".json").write_text(json.dumps(card, indent=1, ensure_ascii=False))
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint`, weights cast back to float32."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "state_dict" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a minicosy checkpoint (no state_dict/model_config)")
+    ckpt["state_dict"] = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}
+    return ckpt
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m minicosy.train", add_help=not argv or argv[0] not in RECIPES)
+    parser.add_argument("recipe", choices=sorted(RECIPES))
+    args, rest = parser.parse_known_args(argv)
+    module, func = RECIPES[args.recipe].split(":")
+    getattr(importlib.import_module(module), func)(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The supervised speech tokenizer (§2.2): 25 Hz tokens, features for analysis, ONNX paths."""
+import numpy as np
+import pytest
+import torch
+
+from minicosy.config import get_config
+from minicosy.speech_tokenizer import (OnnxSpeechTokenizer, SpeechTokenizer, export_onnx, load_from_onnx,
+                                       num_tokens)
+
+VOCAB = list("abcdefghijklmnopqrstuvwxyz' ")
+
+
+def _model(seed: int, quantizer: str = "fsq") -> SpeechTokenizer:
+    torch.manual_seed(seed)
+    model = SpeechTokenizer(get_config("tiny").speech_tokenizer, VOCAB, quantizer).eval()
+    with torch.no_grad():        # like trained weights: no two norm layers identical
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _speech(seconds: float, sr: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
+@pytest.mark.parametrize("seconds", [1.0, 2.5, 3.37])
+def test_token_rate_is_25_per_second(seconds):
+    model = _model(0)
+    codes = model.tokenize(_speech(seconds), 16000)
+    assert codes.dtype == torch.long and len(codes) == num_tokens(int(seconds * 16000)) == int(np.ceil(seconds * 25))
+    assert len(model.tokenize(_speech(seconds, 24000), 24000)) == len(codes)      # any input rate
+    assert codes.min() >= 0 and codes.max() < 6561
+
+
+def test_forward_exposes_pre_and_post_quantisation_features():
+    model = _model(0)
+    mel = torch.randn(2, 128, 400)
+    out = model(mel, torch.tensor([400, 240]))
+    assert out["pre"].shape == out["post"].shape == (2, 100, 128)
+    assert out["lengths"].tolist() == [100, 60]
+    assert out["log_probs"].shape == (2, 100, len(VOCAB) + 1)
+    torch.testing.assert_close(model.quantizer.decode(out["codes"]), out["post"])
+    vq = _model(0, "vq")
+    assert vq(mel, torch.tensor([400, 240]))["aux_loss"] > 0 and vq.codebook_size == 4096
+
+
+def test_padding_does_not_change_codes():
+    model = _model(1)
+    mel = torch.randn(1, 128, 160)
+    alone = model(mel, torch.tensor([160]))["codes"][0]
+    padded = model(torch.cat([mel, torch.randn(1, 128, 80)], dim=2), torch.tensor([160]))["codes"][0, :40]
+    assert torch.equal(alone, padded)
+
+
+def test_bad_audio_is_refused():
+    with pytest.raises(ValueError, match="silent"):
+        _model(0).tokenize(np.zeros(16000, dtype=np.float32), 16000)
+    with pytest.raises(ValueError, match="quantizer"):
+        SpeechTokenizer(get_config("tiny").speech_tokenizer, VOCAB, "rvq")
+
+
+def test_onnx_run_and_conversion_give_identical_codes(tmp_path):
+    model = _model(2)
+    path = export_onnx(model, tmp_path / "speech_tokenizer.onnx")
+    onnx_tok = OnnxSpeechTokenizer(path)
+    assert onnx_tok.inputs == ["feats", "feats_length"]
+    converted = load_from_onnx(path, _model(3))                 # other weights before conversion
+    for seconds in (1.3, 4.0):
+        wav = _speech(seconds)
+        ref = model.tokenize(wav, 16000)
+        assert torch.equal(onnx_tok.tokenize(wav, 16000), ref)
+        assert torch.equal(converted.tokenize(wav, 16000), ref)
+    with pytest.raises(ValueError, match="missing"):
+        load_from_onnx(path, SpeechTokenizer(get_config("tiny").speech_tokenizer, VOCAB, "vq"))
+    with pytest.raises(FileNotFoundError):
+        OnnxSpeechTokenizer(tmp_path / "absent.onnx")
