@@ -145,3 +145,25 @@ class TextTokenizer:
     def tokens(self, text: str) -> list[str]:
         """The surface strings of :meth:`encode`'s tokens (for display)."""
         return [self.hf.decode([i]) for i in self.encode(text)]
+
+
+def corpus_texts(texts_dir: str | Path = "data/texts") -> list[str]:
+    """The shipped sentences of every language, in a fixed order (the tiny BPE's training text)."""
+    return [ln.strip() for lang in ("en", "zh", "ja", "ko")
+            for ln in (Path(texts_dir) / f"{lang}.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """``python -m minicosy.train text_tokenizer [--vocab-size 2000] [--out DIR]``."""
+    import argparse
+
+    from .config import get_config
+
+    p = argparse.ArgumentParser(prog="python -m minicosy.train text_tokenizer")
+    p.add_argument("--vocab-size", type=int, default=get_config("tiny").text.vocab_size)
+    p.add_argument("--texts", default="data/texts")
+    p.add_argument("--out", default="data/checkpoints/text_tokenizer")
+    a = p.parse_args(argv)
+    tok = TextTokenizer.train(corpus_texts(a.texts), a.vocab_size, a.out)
+    print(f"wrote {a.out}: {len(tok)} tokens ({a.vocab_size} BPE + Qwen specials, "
+          f"{len(COSYVOICE_SPECIAL_TOKENS)} CosyVoice specials)")

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-RECIPES = {"tokenizer": "minicosy.speech_tokenizer:train_main"}
+RECIPES = {"tokenizer": "minicosy.speech_tokenizer:train_main",
+           "text_tokenizer": "minicosy.text_tokenizer:train_main"}
 
 
 @dataclass
