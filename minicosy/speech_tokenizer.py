@@ -267,6 +267,21 @@ def evaluate(model: SpeechTokenizer, records: list[dict], batch_size: int = 16) 
             "codebook_size": model.codebook_size, "hypotheses": hyps[:5], "references": refs[:5]}
 
 
+@torch.no_grad()
+def extract(model: SpeechTokenizer, records: list[dict], batch_size: int = 16) -> list[dict]:
+    """Per utterance of ``records`` (with mels, from :func:`load_features`): the speaker and
+    language, the codes, and the pre- (Encoder1) and post-quantisation (Proj_up) features."""
+    out = []
+    for k in range(0, len(records), batch_size):
+        items = records[k: k + batch_size]
+        batch = collate(items, model.vocab)
+        res = model(batch["mel"], batch["mel_lengths"])
+        for i, (it, n) in enumerate(zip(items, res["lengths"].tolist())):
+            out.append({"id": it["id"], "speaker": it["speaker"], "lang": it["lang"], "codes": res["codes"][i, :n],
+                        "pre": res["pre"][i, :n], "post": res["post"][i, :n]})
+    return out
+
+
 def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "fsq", preset: str = "tiny",
                     minutes: float = 8.0, out: str | Path | None = None, seed: int = 0,
                     threads: int = 2) -> tuple[SpeechTokenizer, dict]:
