@@ -29,7 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 RECIPES = {"tokenizer": "minicosy.speech_tokenizer:train_main",
-           "text_tokenizer": "minicosy.text_tokenizer:train_main"}
+           "text_tokenizer": "minicosy.text_tokenizer:train_main",
+           "lm": "minicosy.lm:train_main",
+           "flow": "minicosy.flow:train_main",
+           "hift": "minicosy.hift:train_main",
+           "campplus": "minicosy.campplus:train_main"}
 
 
 @dataclass
@@ -66,41 +70,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (no decay on biases and norms) with linear warm-up then cosine decay to 10%."""
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, no weight decay on biases and norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
 
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 10% as ``progress`` (the larger
+    of the step and time fractions of the budget) goes from 0 to 1."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[object], torch.Tensor],
                cfg: TrainConfig, desc: str = "training") -> TrainLog:
-    """Optimise ``loss_fn(batch)`` until ``max_steps`` or ``max_minutes``, whichever comes first.
-    The schedule's horizon is ``max_steps``; set it to the step count the time budget allows."""
+    """Optimise ``loss_fn(batch)`` until ``max_steps`` or ``max_minutes``, whichever comes first;
+    the learning-rate schedule follows whichever budget runs out first (:func:`lr_factor`)."""
     torch.set_num_threads(cfg.threads)
-    opt, sched = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg)
     log, start = TrainLog(), time.time()
     model.train()
-    bar = tqdm(total=cfg.max_steps, desc=desc)
+    bar = tqdm(desc=desc, unit="step")
     running = None
     for step in range(cfg.max_steps):
-        if time.time() - start > 60 * cfg.max_minutes:
+        progress = max(step / cfg.max_steps, (time.time() - start) / (60 * cfg.max_minutes))
+        if progress >= 1.0:
             break
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, progress, cfg)
         loss = loss_fn(next(batches))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        sched.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % cfg.log_every == 0:
             log.steps.append(step)
