@@ -24,14 +24,20 @@ Inference (§2.3 "ICL/SFT, (Non-)Streaming") yields speech ids one by one with t
 
     lm = load_official_llm("llm.pt", qwen_dir="CosyVoice-BlankEN")
     tokens = list(lm.inference(text_ids, prompt_text_ids, prompt_speech_ids))
+
+    python -m minicosy.train lm          # the tiny LM on the corpus, ~9 min on 2 cores
+    lm = TextSpeechLM.from_checkpoint("data/checkpoints/lm_tiny.pt")
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import inspect
 import json
+import math
 import numbers
+import os
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -42,8 +48,11 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
-from .config import LMConfig
+from .config import LMConfig, get_config
+from .data import load_manifest
 from .lm_sampling import Sampler, greedy_sampling, ras_sampling
+from .text_tokenizer import TextTokenizer
+from .train import TrainConfig, load_checkpoint, save_checkpoint, seed_everything, train_loop
 
 IGNORE_ID = -1  # target (and input padding) value that the loss skips
 Ids = torch.Tensor | list[int] | tuple[int, ...]
@@ -120,6 +129,19 @@ class TextSpeechLM(nn.Module):
     def from_qwen_folder(cls, folder: str | Path, cfg: LMConfig | None = None) -> TextSpeechLM:
         """Full-size (or golden tiny) layout from a CosyVoice-BlankEN ``config.json``; random weights."""
         return cls(*lm_config_from_qwen_folder(folder, cfg))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> TextSpeechLM:
+        """A model trained by :func:`train_lm` (``save_checkpoint`` format), in eval mode."""
+        ckpt = load_checkpoint(path)
+        mc = ckpt["model_config"]
+        lm = cls(LMConfig(**{**mc["cfg"], "mix_ratio": tuple(mc["cfg"]["mix_ratio"])}), mc["text_vocab_size"])
+        lm.load_state_dict(ckpt["state_dict"])
+        return lm.eval()
+
+    def model_config(self) -> dict:
+        """What :meth:`from_checkpoint` needs to rebuild the module."""
+        return {"cfg": dataclasses.asdict(self.cfg), "text_vocab_size": self.text_vocab_size}
 
     @property
     def text_vocab_size(self) -> int:
@@ -414,3 +436,120 @@ def load_official_llm(checkpoint: str | Path | Mapping[str, torch.Tensor], lm: T
         raise ValueError(problem)
     lm.load_state_dict(state, strict=True)
     return lm.to(device=device, dtype=dtype).eval()
+
+
+# ----- training recipe (``python -m minicosy.train lm``) ----------------------------------------
+def lm_examples(records: list[dict], text_tokenizer: TextTokenizer, speech_tokens: Mapping[str, torch.Tensor]) -> list[dict]:
+    """Training pairs of corpus utterances: normalised text ids and their 25 Hz speech tokens.
+    Utterances without text ids or speech tokens are left out."""
+    out = []
+    for r in records:
+        text = torch.tensor(text_tokenizer.encode(r["text"], normalize=True), dtype=torch.long)
+        speech = speech_tokens.get(r["id"])
+        if len(text) and speech is not None and len(speech):
+            out.append({"id": r["id"], "speaker": r["speaker"], "lang": r["lang"], "text": text, "speech": speech.long()})
+    return out
+
+
+def corpus_examples(corpus_root: str | Path, splits: Iterable[str], text_tokenizer: TextTokenizer,
+                    speech_tokenizer: str | Path) -> list[dict]:
+    """:func:`lm_examples` of the corpus splits, with the tokens of the given speech tokenizer (§2.2)."""
+    from .speech_tokenizer import corpus_tokens
+
+    tokens = corpus_tokens(corpus_root, speech_tokenizer)
+    return lm_examples([r for s in splits for r in load_manifest(corpus_root, s)], text_tokenizer, tokens)
+
+
+def collate_lm(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Zero-padded ``text_token``/``speech_token`` with their lengths (the forward's arguments)."""
+    def pad(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = [it[key] for it in items]
+        return pad_sequence(seqs, batch_first=True), torch.tensor([len(s) for s in seqs], dtype=torch.int32)
+
+    (text, text_len), (speech, speech_len) = pad("text"), pad("speech")
+    return {"text_token": text, "text_token_len": text_len, "speech_token": speech, "speech_token_len": speech_len}
+
+
+def lm_batches(examples: list[dict], max_rows: int, rng: random.Random) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of similar-length utterances with at most ``max_rows`` padded rows each,
+    in a fresh random order every epoch."""
+    batches, current = [], []
+    for ex in sorted(examples, key=lambda e: len(e["text"]) + len(e["speech"])):
+        rows = len(ex["text"]) + len(ex["speech"]) + 3
+        if current and rows * (len(current) + 1) > max_rows:
+            batches.append(current)
+            current = []
+        current.append(ex)
+    batches.append(current)
+    while True:
+        rng.shuffle(batches)
+        yield from (collate_lm(b) for b in batches)
+
+
+@torch.no_grad()
+def evaluate_lm(lm: TextSpeechLM, examples: list[dict], bistream: bool = False, batch_size: int = 16) -> dict:
+    """Next-token accuracy and perplexity over the speech-token targets (codes < 6561; EOS and
+    fill excluded) of ``examples`` in one layout (``bistream`` where the length rule allows it)."""
+    lm.eval()
+    nll, correct, count = 0.0, 0, 0
+    for k in range(0, len(examples), batch_size):
+        out = lm(**collate_lm(examples[k:k + batch_size]), bistream=bistream)
+        keep = (out["target"] >= 0) & (out["target"] < lm.cfg.speech_token_size)
+        logits, target = out["logits"][keep].float(), out["target"][keep]
+        nll += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += int((logits.argmax(-1) == target).sum())
+        count += int(keep.sum())
+    return {"accuracy": correct / max(count, 1), "perplexity": math.exp(nll / max(count, 1)), "tokens": count}
+
+
+def unigram_perplexity(train: list[dict], held: list[dict], vocab: int = 6561) -> float:
+    """Perplexity of held-out speech tokens under add-one smoothed training-set code frequencies:
+    the baseline an LM that ignores text and context would reach."""
+    counts = torch.bincount(torch.cat([e["speech"] for e in train]), minlength=vocab).double() + 1
+    logp = (counts / counts.sum()).log()
+    return math.exp(-float(logp[torch.cat([e["speech"] for e in held])].mean()))
+
+
+def train_lm(train: list[dict], held: list[dict], cfg: LMConfig, text_vocab_size: int, tcfg: TrainConfig,
+             max_rows: int = 3000, out: str | Path | None = None) -> tuple[TextSpeechLM, dict]:
+    """Train a text-speech LM from scratch on both layouts (§2.3; the official coin flip per
+    utterance), evaluate on ``held`` and save a checkpoint with its card to ``out``."""
+    seed_everything(tcfg.seed)
+    lm = TextSpeechLM(cfg, text_vocab_size)
+    coin, order = random.Random(tcfg.seed), random.Random(tcfg.seed + 1)
+    log = train_loop(lm, lm_batches(train, max_rows, order), lambda b: lm(**b, rng=coin)["loss"], tcfg,
+                     desc="text-speech LM")
+    metrics = {layout: evaluate_lm(lm, held, bistream=layout == "bistream") for layout in ("unistream", "bistream")}
+    metrics["unigram_perplexity"] = unigram_perplexity(train, held, cfg.speech_token_size)
+    metrics["train_utterances"], metrics["train_speech_tokens"] = len(train), sum(len(e["speech"]) for e in train)
+    for layout in ("unistream", "bistream"):
+        m = metrics[layout]
+        print(f"held-out ({layout}): next-token accuracy {m['accuracy']:.3f}, perplexity {m['perplexity']:.1f} "
+              f"over {m['tokens']} speech tokens")
+    print(f"unigram baseline perplexity {metrics['unigram_perplexity']:.1f}; trained {log.seconds / 60:.1f} min")
+    if out is not None:
+        save_checkpoint(out, lm, lm.model_config(), tcfg, log, metrics=metrics)
+    return lm, metrics
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """``python -m minicosy.train lm [--minutes 9] [--out data/checkpoints/lm_tiny.pt]``: the tiny
+    LM on the corpus' train split; held-out accuracy/perplexity on dev + test."""
+    p = argparse.ArgumentParser(prog="python -m minicosy.train lm")
+    p.add_argument("--minutes", type=float, default=9.0)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--corpus", default="data/corpus")
+    p.add_argument("--speech-tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt")
+    p.add_argument("--text-tokenizer", default="data/checkpoints/text_tokenizer")
+    p.add_argument("--out", default="data/checkpoints/lm_tiny.pt")
+    p.add_argument("--max-rows", type=int, default=3000, help="padded sequence rows per batch")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    threads = int(os.environ.get("MINICOSY_THREADS", 2))
+    torch.set_num_threads(threads)
+    tok = TextTokenizer.from_pretrained(a.text_tokenizer)
+    train = corpus_examples(a.corpus, ["train"], tok, a.speech_tokenizer)
+    held = corpus_examples(a.corpus, ["dev", "test"], tok, a.speech_tokenizer)
+    tcfg = TrainConfig(lr=a.lr, max_minutes=a.minutes, seed=a.seed, warmup_steps=50, threads=threads)
+    train_lm(train, held, get_config(a.preset).lm, len(tok), tcfg, a.max_rows, a.out)

@@ -303,15 +303,17 @@ def evaluate(model: SpeechTokenizer, records: list[dict], batch_size: int = 16) 
 @torch.no_grad()
 def extract(model: SpeechTokenizer, records: list[dict], batch_size: int = 16) -> list[dict]:
     """Per utterance of ``records`` (with mels, from :func:`load_features`): the speaker and
-    language, the codes, and the pre- (Encoder1) and post-quantisation (Proj_up) features."""
+    language, the codes, and the pre- (Encoder1) and post-quantisation (Proj_up) features.
+    Runs only the tokenising part (conv, Encoder1, quantizer)."""
     out = []
     for k in range(0, len(records), batch_size):
         items = records[k: k + batch_size]
         batch = collate(items, model.vocab)
-        res = model(batch["mel"], batch["mel_lengths"])
-        for i, (it, n) in enumerate(zip(items, res["lengths"].tolist())):
-            out.append({"id": it["id"], "speaker": it["speaker"], "lang": it["lang"], "codes": res["codes"][i, :n],
-                        "pre": res["pre"][i, :n], "post": res["post"][i, :n]})
+        pre, pad = model.encode(batch["mel"], batch["mel_lengths"])
+        post, codes, _ = model.quantizer(model.ln_quant(pre))
+        for i, (it, n) in enumerate(zip(items, (~pad).sum(-1).tolist())):
+            out.append({"id": it["id"], "speaker": it["speaker"], "lang": it["lang"], "codes": codes[i, :n],
+                        "pre": pre[i, :n], "post": post[i, :n]})
     return out
 
 

@@ -127,6 +127,14 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _command() -> str:
+    """The command line that is running, without machine paths (``python -m minicosy.train …``)."""
+    script = Path(sys.argv[0])
+    if script.parent.name == "minicosy":
+        return " ".join(["python -m minicosy." + script.stem, *sys.argv[1:]])
+    return " ".join([script.name, *sys.argv[1:]])
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_config: dict, train_cfg: TrainConfig,
                     log: TrainLog, **extra) -> Path:
     """Weights + everything needed to rebuild the model + how it was made (command, config, time,
@@ -135,11 +143,11 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_config: dict
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "model_config": model_config, "train_config": asdict(train_cfg),
-                "log": asdict(log), "made_by": {"command": " ".join(sys.argv), "commit": _git_commit(),
+                "log": asdict(log), "made_by": {"command": _command(), "commit": _git_commit(),
                                                  "torch": torch.__version__}, **extra}, path)
     card = {"file": path.name, "model_config": model_config, "train_config": asdict(train_cfg),
             "train_seconds": log.seconds, "final_loss": log.losses[-1] if log.losses else None,
-            "made_by": {"command": " ".join(sys.argv), "commit": _git_commit()},
+            "made_by": {"command": _command(), "commit": _git_commit()},
             **{k: v for k, v in extra.items() if isinstance(v, (int, float, str, dict, list))}}
     path.with_suffix(".json").write_text(json.dumps(card, indent=1, ensure_ascii=False))
     return path

@@ -1,0 +1,107 @@
+"""Training recipe of the text-speech LM (§2.3): corpus pairs, batches, metrics, checkpoints."""
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from minicosy import lm as lm_module
+from minicosy.config import LMConfig
+from minicosy.lm import (TextSpeechLM, collate_lm, evaluate_lm, lm_batches, lm_examples, train_lm,
+                         unigram_perplexity)
+from minicosy.text_tokenizer import TextTokenizer
+from minicosy.train import TrainConfig, main
+
+from .conftest import ROOT
+
+TINY = LMConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _examples(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 12, (n,), generator=g).tolist()
+    return [{"id": f"u{i}", "text": torch.randint(0, 100, (t,), generator=g),
+             "speech": torch.randint(0, 50, (4 * t,), generator=g)} for i, t in enumerate(lengths)]
+
+
+def test_lm_examples_pair_normalised_text_with_speech_tokens():
+    tok = TextTokenizer.from_pretrained(ROOT / "data" / "checkpoints" / "text_tokenizer")
+    records = [{"id": "a", "text": "I have 3 cats.", "speaker": "s", "lang": "en"},
+               {"id": "b", "text": "No tokens for me.", "speaker": "s", "lang": "en"},
+               {"id": "c", "text": "   ", "speaker": "s", "lang": "en"}]
+    tokens = {"a": torch.arange(30, dtype=torch.int16), "c": torch.arange(5, dtype=torch.int16)}
+    out = lm_examples(records, tok, tokens)
+    assert [e["id"] for e in out] == ["a"]                      # no speech tokens / no text: left out
+    assert out[0]["text"].tolist() == tok.encode("I have three cats.")
+    assert out[0]["speech"].dtype == torch.long and len(out[0]["speech"]) == 30
+
+
+def test_batches_cover_every_example_once_per_epoch_within_the_row_budget():
+    examples = _examples(40)
+    batches = lm_batches(examples, max_rows=200, rng=random.Random(0))
+    seen = []
+    while len(seen) < len(examples):
+        b = next(batches)
+        assert b["text_token"].size(0) == 1 or b["text_token"].size(0) * (
+            int(b["text_token_len"].max()) + int(b["speech_token_len"].max()) + 3) <= 220
+        for text, n in zip(b["text_token"], b["text_token_len"]):
+            seen.append(tuple(text[:n].tolist()))
+    assert sorted(seen) == sorted(tuple(e["text"].tolist()) for e in examples)
+
+
+def test_evaluate_counts_speech_targets_only():
+    torch.manual_seed(0)
+    lm = TextSpeechLM(TINY, 100).eval()
+    examples = _examples(5)
+    m = evaluate_lm(lm, examples, batch_size=2)
+    assert m["tokens"] == sum(len(e["speech"]) for e in examples)   # no EOS, no fill
+    out = lm(**collate_lm(examples), bistream=False)
+    keep = (out["target"] >= 0) & (out["target"] < 6561)
+    nll = torch.nn.functional.cross_entropy(out["logits"][keep], out["target"][keep])
+    assert m["perplexity"] == pytest.approx(math.exp(nll.item()), rel=1e-4)
+    assert m["accuracy"] == pytest.approx((out["logits"][keep].argmax(-1) == out["target"][keep]).float().mean().item())
+    bi = evaluate_lm(lm, examples, bistream=True)
+    assert bi["tokens"] == m["tokens"]                               # fill targets excluded
+
+
+def test_unigram_baseline():
+    train = [{"speech": torch.zeros(99, dtype=torch.long)}]
+    held = [{"speech": torch.zeros(3, dtype=torch.long)}]
+    assert unigram_perplexity(train, held, vocab=11) == pytest.approx(110 / 100)
+    assert unigram_perplexity(train, [{"speech": torch.ones(1, dtype=torch.long)}], vocab=11) == pytest.approx(110)
+
+
+def test_a_few_steps_learn_and_the_checkpoint_round_trips(tmp_path):
+    train, held = _examples(24), _examples(6, seed=1)
+    tcfg = TrainConfig(lr=3e-3, max_steps=30, warmup_steps=2, threads=1, log_every=1)
+    lm, metrics = train_lm(train, held, TINY, 100, tcfg, max_rows=400, out=tmp_path / "lm.pt")
+    ckpt = torch.load(tmp_path / "lm.pt", weights_only=False)
+    assert ckpt["log"]["losses"][-1] < ckpt["log"]["losses"][0]
+    assert set(metrics) >= {"unistream", "bistream", "unigram_perplexity"}
+    card = json.loads((tmp_path / "lm.json").read_text())
+    assert card["model_config"]["text_vocab_size"] == 100 and card["metrics"]["unistream"]["tokens"] > 0
+    loaded = TextSpeechLM.from_checkpoint(tmp_path / "lm.pt")
+    assert loaded.cfg == TINY and not loaded.training
+    lm.half().float()                                                 # the checkpoint stores float16
+    batch = collate_lm(held)
+    torch.testing.assert_close(loaded(**batch, bistream=False)["logits"], lm(**batch, bistream=False)["logits"])
+    gen = [list(m.inference([1, 2, 3], sampling="greedy", max_token_text_ratio=3)) for m in (lm, loaded)]
+    assert gen[0] == gen[1]
+
+
+def test_recipe_runs_through_the_train_cli(tmp_path, monkeypatch):
+    monkeypatch.setattr(lm_module, "corpus_examples",
+                        lambda root, splits, tok, ckpt: _examples(12 if "train" in splits else 3, seed=len(splits)))
+    out = tmp_path / "lm_tiny.pt"
+    main(["lm", "--minutes", "0.01", "--out", str(out), "--max-rows", "300"])
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["model_config"]["cfg"]["hidden_size"] == 128 and card["train_config"]["max_minutes"] == 0.01
