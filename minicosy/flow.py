@@ -5,6 +5,9 @@
 * ``CausalMaskedDiffWithXvec``: the whole flow model of Fig. 1(c) / Fig. 3 — token embedding,
   token encoder (``flow_encoder``), ``encoder_proj`` -> μ, x-vector projection, CFM with the UNet
   (``flow_estimator``). Parameter names equal the official ``flow.pt`` keys.
+* ``stream_inference``: token-to-mel streaming as the official orchestration runs it (NOTES.md §3).
+* Training on the corpus (``python -m minicosy.train flow``): ``load_flow_data`` (speech tokens of
+  the tiny tokenizer, 24 kHz mels, CAM++ x-vectors), ``train_flow`` and the held-out mel L1 per mask.
 
 Training recipes (``FlowConfig.training_recipe``):
 
@@ -23,22 +26,34 @@ Usage::
     flow = CausalMaskedDiffWithXvec(get_config("tiny").flow)
     loss = flow(token, token_len, feat, embedding, generator=g)["loss"]
     mel = flow.inference(token, prompt_token, prompt_feat, embedding, streaming=True, finalize=False)
+    path = flow.decoder.sample_path(*flow.conditions(token, prompt_token, prompt_feat, embedding)[:4],
+                                    schedule="linear")                # (NFE+1, 1, 80, frames)
+    for mel_chunk in stream_inference(flow, token, prompt_token, prompt_feat, embedding): ...
+    flow = CausalMaskedDiffWithXvec.from_checkpoint("data/checkpoints/flow_tiny.pt")
     load_flow_state_dict(flow, "flow.pt")                         # official checkpoint, strict
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import FlowConfig
+from .audio import load_wav, mel_spectrogram
+from .config import FlowConfig, get_config
+from .data import load_manifest
 from .flow_encoder import UpsampleConformerEncoder
 from .flow_estimator import CausalConditionalDecoder
-from .masks import CHUNK_M, NON_CAUSAL, make_pad_mask, sample_training_mask
+from .masks import CHUNK_M, MASK_NAMES, NON_CAUSAL, make_pad_mask, sample_training_mask
+from .train import TrainConfig, load_checkpoint, save_checkpoint, seed_everything, train_loop
 
 MAX_FIXED_NOISE_FRAMES = 15000   # 300 s of mel at 50 Hz
 
@@ -82,28 +97,44 @@ class CausalConditionalCFM(nn.Module):
         return fixed_noise(c)[:, :, :t].to(mu).expand(b, -1, -1)
 
     @torch.inference_mode()
-    def forward(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
-                mask_kind: int | torch.Tensor = NON_CAUSAL, n_timesteps: int | None = None,
-                temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample X_1 by Euler steps on the cosine grid (eq. 9) with CFG (eq. 10): the conditional
-        and the unconditional (μ, v, X̃_1 = 0) velocity come from one batch of 2B rows and mix as
-        (1+β)·v_cond - β·v_uncond. mu, cond (B, 80, T); mask (B, 1, T); spks (B, 80)."""
+    def sample_path(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
+                    mask_kind: int | torch.Tensor = NON_CAUSAL, n_timesteps: int | None = None,
+                    temperature: float = 1.0, generator: torch.Generator | None = None,
+                    cfg_rate: float | None = None, schedule: str = "cosine") -> torch.Tensor:
+        """The whole Euler trajectory X_{t_0..t_n} (n+1, B, 80, T) on the cosine (eq. 9) or linear
+        grid, with CFG (eq. 10): the conditional and the unconditional (μ, v, X̃_1 = 0) velocity
+        come from one batch of 2B rows and mix as (1+β)·v_cond - β·v_uncond, β = ``cfg_rate``
+        (default ``cfg.cfg_rate``). mu, cond (B, 80, T); mask (B, 1, T); spks (B, 80)."""
         n_timesteps = n_timesteps or self.cfg.n_timesteps
-        beta = self.cfg.cfg_rate
+        beta = self.cfg.cfg_rate if cfg_rate is None else cfg_rate
+        if schedule == "cosine":
+            t_span = cosine_t_span(n_timesteps, mu.device, mu.dtype)
+        elif schedule == "linear":
+            t_span = torch.linspace(0, 1, n_timesteps + 1, device=mu.device, dtype=mu.dtype)
+        else:
+            raise ValueError(f"schedule must be 'cosine' or 'linear', got {schedule!r}")
         x = self.initial_noise(mu, generator) * temperature
-        t_span = cosine_t_span(n_timesteps, mu.device, mu.dtype)
         mask2, mu2 = torch.cat([mask, mask]), torch.cat([mu, torch.zeros_like(mu)])
         spks2, cond2 = torch.cat([spks, torch.zeros_like(spks)]), torch.cat([cond, torch.zeros_like(cond)])
         kind2 = torch.cat([torch.as_tensor(mask_kind, device=mu.device).expand(mu.shape[0])] * 2)
         t, dt = t_span[:1], t_span[1] - t_span[0]
+        path = [x]
         for step in range(1, n_timesteps + 1):
             v = self.estimator(torch.cat([x, x]), mask2, mu2, t.expand(2 * x.shape[0]), spks2, cond2, kind2)
             v_cond, v_uncond = v.chunk(2)
             x = x + dt * ((1.0 + beta) * v_cond - beta * v_uncond)
+            path.append(x)
             t = t + dt
             if step < n_timesteps:
                 dt = t_span[step + 1] - t
-        return x
+        return torch.stack(path)
+
+    def forward(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
+                mask_kind: int | torch.Tensor = NON_CAUSAL, n_timesteps: int | None = None,
+                temperature: float = 1.0, generator: torch.Generator | None = None,
+                cfg_rate: float | None = None) -> torch.Tensor:
+        """Sample X_1 (B, 80, T): the end of :meth:`sample_path` on the cosine grid (the official solver)."""
+        return self.sample_path(mu, mask, spks, cond, mask_kind, n_timesteps, temperature, generator, cfg_rate)[-1]
 
     def compute_loss(self, x1: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
                      cond: torch.Tensor, mask_kind: int | torch.Tensor, loss_mask: torch.Tensor,
@@ -191,15 +222,12 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return {"loss": loss}
 
     @torch.inference_mode()
-    def inference(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
-                  embedding: torch.Tensor, streaming: bool = False, finalize: bool = True,
-                  n_timesteps: int | None = None, temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mel (1, 80, ratio·T') for ``token`` (1, T) given the prompt tokens (1, P), their mel
-        (1, ratio·P, 80) and an x-vector (1, 192). The prompt goes in front and its frames are cut
-        off the output. ``streaming``: chunk-M masks (official streaming); ``finalize=False``: the
-        last P tokens serve only as look-ahead (T' = T - P), as for a streaming chunk. Without a
-        ``generator`` the official fixed noise is used (deterministic)."""
+    def conditions(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+                   embedding: torch.Tensor, finalize: bool = True, mask_kind: int = NON_CAUSAL
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The CFM conditions of one request: μ (1, 80, F), mask (1, 1, F), v (1, 80), X̃_1 (1, 80, F)
+        holding the prompt mel in its first frames, and the number of prompt frames. Prompt tokens
+        go in front of ``token``; ``finalize=False`` uses the last P tokens only as look-ahead."""
         ratio, look = self.cfg.token_mel_ratio, self.cfg.pre_lookahead_len
         if token.dim() != 2 or token.shape[0] != 1 or prompt_token.dim() != 2 or prompt_token.shape[0] != 1:
             raise ValueError(f"token and prompt_token must be (1, T), got {tuple(token.shape)} and "
@@ -217,13 +245,64 @@ class CausalMaskedDiffWithXvec(nn.Module):
         context = None
         if not finalize:
             x, context = x[:, :-look], x[:, -look:]
-        kind = CHUNK_M if streaming else NON_CAUSAL
-        mu, mask = self.encode(x, torch.tensor([x.shape[1]], device=x.device), context, kind)
+        mu, mask = self.encode(x, torch.tensor([x.shape[1]], device=x.device), context, mask_kind)
         n_prompt = prompt_feat.shape[1]
         cond = torch.zeros_like(mu)
         cond[:, :, :n_prompt] = prompt_feat.transpose(1, 2).to(mu)
-        mel = self.decoder(mu, mask, self.speaker(embedding.to(mu)), cond, kind, n_timesteps, temperature, generator)
+        return mu, mask, self.speaker(embedding.to(mu)), cond, n_prompt
+
+    @torch.inference_mode()
+    def inference(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+                  embedding: torch.Tensor, streaming: bool = False, finalize: bool = True,
+                  n_timesteps: int | None = None, temperature: float = 1.0,
+                  generator: torch.Generator | None = None, mask_kind: int | None = None,
+                  cfg_rate: float | None = None) -> torch.Tensor:
+        """Mel (1, 80, ratio·T') for ``token`` (1, T) given the prompt tokens (1, P), their mel
+        (1, ratio·P, 80) and an x-vector (1, 192). The prompt goes in front and its frames are cut
+        off the output. ``streaming``: chunk-M masks (official streaming; ``mask_kind`` picks any of
+        the four instead); ``finalize=False``: the last P tokens serve only as look-ahead
+        (T' = T - P), as for a streaming chunk. Without a ``generator`` the official fixed noise is
+        used (deterministic)."""
+        kind = mask_kind if mask_kind is not None else (CHUNK_M if streaming else NON_CAUSAL)
+        mu, mask, spks, cond, n_prompt = self.conditions(token, prompt_token, prompt_feat, embedding, finalize, kind)
+        mel = self.decoder(mu, mask, spks, cond, kind, n_timesteps, temperature, generator, cfg_rate)
         return mel[:, :, n_prompt:]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "CausalMaskedDiffWithXvec":
+        """A flow trained by :func:`train_flow` (``minicosy.train`` checkpoint), in eval mode."""
+        ckpt = load_checkpoint(path)
+        cfg = dict(ckpt["model_config"])
+        cfg["prompt_mask_ratio"] = tuple(cfg["prompt_mask_ratio"])
+        model = cls(FlowConfig(**cfg))
+        model.load_state_dict(ckpt["state_dict"])
+        return model.eval()
+
+
+def stream_inference(flow: CausalMaskedDiffWithXvec, token: torch.Tensor, prompt_token: torch.Tensor,
+                     prompt_feat: torch.Tensor, embedding: torch.Tensor, hop: int = 25, max_hop: int = 100,
+                     scale: int = 2, mask_kind: int = CHUNK_M, **solver) -> Iterator[torch.Tensor]:
+    """Token-to-mel streaming as the official orchestration runs it (NOTES.md §3), for tokens
+    that are all known (the LM side is simulated). The first chunk waits for hop + pad + P
+    tokens, pad putting prompt + first hop on the chunk grid; every chunk re-runs the flow on
+    the prompt and all tokens so far with ``mask_kind`` and ``finalize=False`` (the last P
+    tokens are look-ahead only) and yields the new mel frames; the hop then grows ×``scale`` up
+    to ``max_hop``. A last call with full context (non-causal, ``finalize=True``) yields the
+    rest. The hop is a local variable: nothing is stored on the model between requests."""
+    ratio, look = flow.cfg.token_mel_ratio, flow.cfg.pre_lookahead_len
+    pad = math.ceil(prompt_token.shape[1] / hop) * hop - prompt_token.shape[1]
+    offset = 0
+    while True:
+        this_hop = hop + pad if offset == 0 else hop
+        if token.shape[1] - offset < this_hop + look:
+            break
+        mel = flow.inference(token[:, :offset + this_hop + look], prompt_token, prompt_feat, embedding,
+                             finalize=False, mask_kind=mask_kind, **solver)
+        yield mel[:, :, ratio * offset:]
+        offset += this_hop
+        hop = min(max_hop, hop * scale)
+    mel = flow.inference(token, prompt_token, prompt_feat, embedding, finalize=True, mask_kind=NON_CAUSAL, **solver)
+    yield mel[:, :, ratio * offset:]
 
 
 def load_flow_state_dict(model: CausalMaskedDiffWithXvec,
@@ -248,3 +327,174 @@ def load_flow_state_dict(model: CausalMaskedDiffWithXvec,
                          f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
                          f"  shape conflicts ({len(conflicts)}): {conflicts}")
     model.load_state_dict(state, strict=True)
+
+
+# ---- training on the corpus (§2.4) -------------------------------------------------------------
+def flow_mels(corpus_root: str | Path, split: str) -> dict[str, torch.Tensor]:
+    """The flow's 24 kHz mels (80, frames) float16 of a split's utterances, cached under ``<corpus>/cache``."""
+    cache = Path(corpus_root) / "cache" / f"flow_mel_{split}.pt"
+    records = load_manifest(corpus_root, split)
+    if cache.exists():
+        mels = torch.load(cache, weights_only=True)
+        if all(r["id"] in mels for r in records):
+            return mels
+    mels = {r["id"]: mel_spectrogram(load_wav(Path(corpus_root) / r["path"], 24000)[0]).half() for r in records}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(mels, cache)
+    return mels
+
+
+def speaker_embeddings(corpus_root: str | Path, checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """CAM++ x-vectors (192,) of every corpus utterance by a trained checkpoint (the official
+    training conditions on each utterance's own embedding), cached and stamped with its mtime."""
+    from .campplus import CAMPPlus   # a declared component dependency (tests/test_packaging.py)
+
+    checkpoint = Path(checkpoint)
+    cache = Path(corpus_root) / "cache" / f"xvectors_{checkpoint.stem}.pt"
+    stamp = checkpoint.stat().st_mtime
+    if cache.exists():
+        cached = torch.load(cache, weights_only=True)
+        if cached.get("stamp") == stamp:
+            return cached["xvectors"]
+    model = CAMPPlus.from_checkpoint(checkpoint)
+    xvectors = {}
+    for r in load_manifest(corpus_root):
+        wav, sr = load_wav(Path(corpus_root) / r["path"])
+        xvectors[r["id"]] = model.embed(wav, sr)[0]
+    torch.save({"stamp": stamp, "xvectors": xvectors}, cache)
+    return xvectors
+
+
+def load_flow_data(corpus_root: str | Path, splits: tuple[str, ...], tokenizer: str | Path,
+                   speaker_model: str | Path, token_mel_ratio: int = 2) -> list[dict]:
+    """Utterances of ``splits`` with their speech tokens (T,), mel (ratio·T, 80) and x-vector (192,).
+    Token and mel lengths are cut to agree, as the official data pipeline does."""
+    from .speech_tokenizer import corpus_tokens   # a declared component dependency
+
+    tokens = corpus_tokens(corpus_root, tokenizer)
+    xvectors = speaker_embeddings(corpus_root, speaker_model)
+    items = []
+    for split in splits:
+        mels = flow_mels(corpus_root, split)
+        for r in load_manifest(corpus_root, split):
+            mel, tok = mels[r["id"]], tokens[r["id"]].long()
+            n = min(len(tok), mel.shape[1] // token_mel_ratio)
+            items.append({"id": r["id"], "speaker": r["speaker"], "lang": r["lang"], "split": split,
+                          "token": tok[:n], "mel": mel[:, :token_mel_ratio * n].T, "xvector": xvectors[r["id"]]})
+    return items
+
+
+def collate(items: list[dict], max_tokens: int = 0, rng: np.random.Generator | None = None,
+            token_mel_ratio: int = 2) -> dict[str, torch.Tensor]:
+    """A padded batch: token (B, T) padded with -1, token_len (B,), feat (B, ratio·T, 80), embedding
+    (B, 192). With ``max_tokens`` > 0 longer items are cut to a window of that many tokens, at a
+    random start (``rng``) or at the beginning."""
+    windows = []
+    for it in items:
+        n = len(it["token"])
+        keep = min(n, max_tokens) if max_tokens > 0 else n
+        start = int(rng.integers(n - keep + 1)) if rng is not None else 0
+        windows.append((it, start, keep))
+    longest = max(keep for _, _, keep in windows)
+    token = torch.full((len(items), longest), -1, dtype=torch.long)
+    feat = torch.zeros(len(items), token_mel_ratio * longest, items[0]["mel"].shape[1])
+    for i, (it, start, keep) in enumerate(windows):
+        token[i, :keep] = it["token"][start:start + keep]
+        feat[i, :token_mel_ratio * keep] = it["mel"][token_mel_ratio * start: token_mel_ratio * (start + keep)].float()
+    return {"token": token, "token_len": torch.tensor([keep for _, _, keep in windows]), "feat": feat,
+            "embedding": torch.stack([it["xvector"] for it in items]).float()}
+
+
+def random_batches(items: list[dict], batch_size: int, max_tokens: int, rng: np.random.Generator
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of ``batch_size`` random utterances, each cut to a random ``max_tokens`` window."""
+    while True:
+        order = rng.permutation(len(items))
+        for k in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([items[i] for i in order[k:k + batch_size]], max_tokens, rng)
+
+
+@torch.inference_mode()
+def heldout_mel_l1(flow: CausalMaskedDiffWithXvec, items: list[dict], mask_kind: int, prompt_share: float = 0.3,
+                   max_tokens: int = 150, batch_size: int = 16, seed: int = 0, **solver) -> float:
+    """Mel L1 of synthesis: the first ``prompt_share`` of each utterance's tokens is the prompt
+    (X̃_1 = its real mel), the rest is generated by the CFG Euler solver under ``mask_kind``
+    (encoder and UNet; ``solver``: ``sample_path`` options); mean |X_1 - mel| over the generated
+    frames and the 80 bins. Utterances are cut to their first ``max_tokens`` tokens (6 s)."""
+    flow.eval()
+    ratio, g = flow.cfg.token_mel_ratio, torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0.0
+    for k in range(0, len(items), batch_size):
+        b = collate(items[k:k + batch_size], max_tokens)
+        mu, mask = flow.encode(flow.embed_tokens(b["token"], b["token_len"]), b["token_len"], mask_kind=mask_kind)
+        target = b["feat"].transpose(1, 2)
+        prompt = ratio * (b["token_len"] * prompt_share).floor().view(-1, 1, 1)
+        is_prompt = (torch.arange(target.shape[2]).view(1, 1, -1) < prompt).to(target)
+        mel = flow.decoder.sample_path(mu, mask, flow.speaker(b["embedding"]), target * is_prompt, mask_kind,
+                                       generator=g, **solver)[-1]
+        generated = mask * (1 - is_prompt)
+        total += float(((mel - target).abs() * generated).sum())
+        count += float(generated.sum()) * target.shape[1]
+    return total / count
+
+
+def eval_subset(items: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """``n`` of ``items`` drawn without replacement (fixed by ``seed``), in their original order."""
+    pick = np.random.default_rng(seed).choice(len(items), min(n, len(items)), replace=False)
+    return [items[i] for i in sorted(pick)]
+
+
+def evaluate_masks(flow: CausalMaskedDiffWithXvec, items: list[dict], **kwargs) -> dict[str, float]:
+    """:func:`heldout_mel_l1` under each of the four masks, keyed by ``MASK_NAMES``."""
+    return {name: round(heldout_mel_l1(flow, items, kind, **kwargs), 4) for kind, name in enumerate(MASK_NAMES)}
+
+
+def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", recipe: str = "paper",
+               minutes: float = 8.0, out: str | Path | None = None,
+               tokenizer: str | Path = "data/checkpoints/speech_tokenizer_fsq.pt",
+               speaker_model: str | Path = "data/checkpoints/campplus_tiny.pt", batch_size: int = 12,
+               max_tokens: int = 100, eval_utterances: int = 16, seed: int = 0,
+               threads: int = 2) -> tuple[CausalMaskedDiffWithXvec, dict]:
+    """Train the flow on the corpus' train split with ``recipe`` ("paper" or "official", see the
+    module docstring); report the mel L1 per mask on dev + test sentences and on the held-out
+    voices; save."""
+    seed_everything(seed)
+    cfg = replace(get_config(preset).flow, training_recipe=recipe)
+    data = {name: load_flow_data(corpus_root, splits, tokenizer, speaker_model, cfg.token_mel_ratio)
+            for name, splits in (("train", ("train",)), ("dev_test", ("dev", "test")), ("heldout", ("heldout",)))}
+    flow = CausalMaskedDiffWithXvec(cfg)
+    tcfg = TrainConfig(lr=1e-3, warmup_steps=100, max_minutes=minutes, seed=seed, threads=threads,
+                       batch_seconds=batch_size * max_tokens / 25)
+    g = torch.Generator().manual_seed(seed)
+    batches = random_batches(data["train"], batch_size, max_tokens, np.random.default_rng(seed))
+    log = train_loop(flow, batches, lambda b: flow(b["token"], b["token_len"], b["feat"], b["embedding"], g)["loss"],
+                     tcfg, desc=f"flow ({recipe})")
+    metrics = {name: evaluate_masks(flow, eval_subset(data[name], eval_utterances, seed))
+               for name in ("dev_test", "heldout")}
+    metrics.update(eval_utterances=eval_utterances, train_seconds=log.seconds)
+    for name in ("dev_test", "heldout"):
+        print(f"mel L1 ({name}, {eval_utterances} utterances <= 6 s, first 30% as prompt): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in metrics[name].items()))
+    if out is not None:
+        save_checkpoint(out, flow, asdict(cfg), tcfg, log, metrics=metrics,
+                        inputs={"speech_tokenizer": str(tokenizer), "speaker_model": str(speaker_model)})
+    return flow, metrics
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """``python -m minicosy.train flow [--recipe paper|official] [--minutes 8] [--out PATH]``."""
+    p = argparse.ArgumentParser(prog="python -m minicosy.train flow")
+    p.add_argument("--recipe", choices=["paper", "official"], default="paper")
+    p.add_argument("--minutes", type=float, default=8.0)
+    p.add_argument("--corpus", default="data/corpus")
+    p.add_argument("--tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt")
+    p.add_argument("--speaker-model", default="data/checkpoints/campplus_tiny.pt")
+    p.add_argument("--out", default="data/checkpoints/flow_tiny.pt")
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--max-tokens", type=int, default=100, help="training window (tokens) cut from each utterance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("MINICOSY_THREADS", 2)))
+    a = p.parse_args(argv)
+    train_flow(a.corpus, recipe=a.recipe, minutes=a.minutes, out=a.out, tokenizer=a.tokenizer,
+               speaker_model=a.speaker_model, batch_size=a.batch_size, max_tokens=a.max_tokens, seed=a.seed,
+               threads=a.threads)
