@@ -10,7 +10,7 @@ feeds the session's first input, C++ runtimes calling the same file name them). 
 * :class:`CAMPPlusONNX` -- an onnxruntime session behind the same :meth:`embed` API;
 * :func:`export_onnx` / :func:`load_from_onnx` -- write the module as the official file's layout, and
   read any such file's initializers back into the module (conv-BN folding undone, see there);
-* :func:`load_state_dict_checked` -- strict loading with a readable key/shape report;
+* strict loading with a readable key/shape report (:func:`minicosy.train.load_state_dict_checked`);
 * :func:`train_campplus` -- the small-scale recipe: additive-angular-margin softmax over the corpus'
   training voices on random 2-3 s fbank crops (``python -m minicosy.train campplus``).
 
@@ -46,7 +46,7 @@ from onnx import numpy_helper
 from .audio import kaldi_fbank, load_wav, resample
 from .config import CAMPPlusConfig, FeatureConfig, get_config
 from .data import load_manifest
-from .train import TrainConfig, load_checkpoint, save_checkpoint, seed_everything, train_loop
+from .train import TrainConfig, load_checkpoint, load_state_dict_checked, save_checkpoint, seed_everything, train_loop
 
 MIN_FRAMES = 3          # fbank frames: the stride-2 TDNN must leave >= 2 frames for the std of stats pooling
 ONNX_INPUT, ONNX_OUTPUT = "input", "output"   # the names inside the official campplus.onnx
@@ -344,23 +344,6 @@ def export_onnx(model: CAMPPlus, path: str | Path, fold_batchnorm: bool = True, 
     finally:
         model.train(was_training)
     return path
-
-
-def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], shown: int = 20) -> None:
-    """``model.load_state_dict(state_dict, strict=True)``, but a mismatch raises a ``ValueError`` that
-    lists the missing keys, unexpected keys and shape conflicts by name."""
-    own = model.state_dict()
-    missing = sorted(own.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - own.keys())
-    conflicts = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if missing or unexpected or conflicts:
-        def listing(title: str, items: list[str]) -> str:
-            more = f"\n    ... and {len(items) - shown} more" if len(items) > shown else ""
-            return f"\n  {title} ({len(items)}):" + "".join(f"\n    {s}" for s in items[:shown]) + more
-        raise ValueError(f"state dict does not fit {type(model).__name__}:" + listing("missing keys", missing)
-                         + listing("unexpected keys", unexpected) + listing("shape conflicts", conflicts))
-    model.load_state_dict(state_dict, strict=True)
 
 
 def _onnx_tensors(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

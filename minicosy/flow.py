@@ -53,7 +53,7 @@ from .data import load_manifest
 from .flow_encoder import UpsampleConformerEncoder
 from .flow_estimator import CausalConditionalDecoder
 from .masks import CHUNK_M, MASK_NAMES, NON_CAUSAL, make_pad_mask, sample_training_mask
-from .train import TrainConfig, load_checkpoint, save_checkpoint, seed_everything, train_loop
+from .train import TrainConfig, load_checkpoint, load_state_dict_checked, save_checkpoint, seed_everything, train_loop
 
 MAX_FIXED_NOISE_FRAMES = 15000   # 300 s of mel at 50 Hz
 
@@ -316,17 +316,7 @@ def load_flow_state_dict(model: CausalMaskedDiffWithXvec,
         if not path.is_file():
             raise FileNotFoundError(f"flow checkpoint not found: {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    conflicts = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or conflicts:
-        raise ValueError("flow checkpoint does not match the model (check the FlowConfig sizes):\n"
-                         f"  missing keys ({len(missing)}): {missing}\n"
-                         f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-                         f"  shape conflicts ({len(conflicts)}): {conflicts}")
-    model.load_state_dict(state, strict=True)
+    load_state_dict_checked(model, state, "flow checkpoint (check the FlowConfig sizes)")
 
 
 # ---- training on the corpus (§2.4) -------------------------------------------------------------

@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from .audio import load_wav, mel_spectrogram
 from .config import FeatureConfig, HiFTConfig, get_config
 from .data import load_manifest
-from .train import TrainConfig, TrainLog, load_checkpoint, lr_factor, make_optimizer, save_checkpoint, seed_everything
+from .train import (TrainConfig, TrainLog, load_checkpoint, load_state_dict_checked, lr_factor, make_optimizer,
+                    save_checkpoint, seed_everything)
 
 
 class Snake(nn.Module):
@@ -292,17 +293,7 @@ def load_hift_state_dict(model: HiFTGenerator, path_or_state_dict: str | Path | 
     """Strictly load an official ``hift.pt`` (path or state dict) into ``model``; on mismatch raise a
     ValueError naming the missing keys, unexpected keys and shape conflicts."""
     state = _read_state_dict(path_or_state_dict)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    conflicts = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or conflicts:
-        raise ValueError("HiFT checkpoint does not match the model:\n"
-                         f"  missing keys ({len(missing)}): {missing}\n"
-                         f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-                         f"  shape conflicts ({len(conflicts)}): {conflicts}")
-    model.load_state_dict(state, strict=True)
+    load_state_dict_checked(model, state, "HiFT checkpoint")
 
 
 def load_official_hift(path_or_state_dict: str | Path | dict[str, torch.Tensor],
@@ -396,6 +387,17 @@ def random_segments(records: list[dict], corpus_root: str | Path, batch_size: in
         yield wav, mel_spectrogram(wav), torch.stack(f0s)
 
 
+def _conv_stack(x: torch.Tensor, convs: nn.ModuleList, post: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A discriminator branch: leaky-ReLU conv layers then a score conv; returns the flattened
+    scores and every layer's output (for the feature-matching loss)."""
+    feats = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), 0.1)
+        feats.append(x)
+    x = post(x)
+    return x.flatten(1), feats + [x]
+
+
 class PeriodDiscriminator(nn.Module):
     """HiFi-GAN's MPD branch: the waveform folded into ``period`` columns, 2-D convs along time."""
 
@@ -409,13 +411,7 @@ class PeriodDiscriminator(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = F.pad(wav, (0, -wav.shape[-1] % self.period), mode="reflect")
-        x = x.view(wav.shape[0], 1, -1, self.period)
-        feats = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            feats.append(x)
-        x = self.post(x)
-        return x.flatten(1), feats + [x]
+        return _conv_stack(x.view(wav.shape[0], 1, -1, self.period), self.convs, self.post)
 
 
 class ResolutionDiscriminator(nn.Module):
@@ -432,13 +428,7 @@ class ResolutionDiscriminator(nn.Module):
         self.post = weight_norm(nn.Conv2d(channels, 1, 3, padding=1))
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = stft_magnitude(wav, *self.resolution).log().unsqueeze(1)
-        feats = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            feats.append(x)
-        x = self.post(x)
-        return x.flatten(1), feats + [x]
+        return _conv_stack(stft_magnitude(wav, *self.resolution).log().unsqueeze(1), self.convs, self.post)
 
 
 class Discriminator(nn.Module):

@@ -52,7 +52,7 @@ from .config import LMConfig, get_config
 from .data import load_manifest
 from .lm_sampling import Sampler, greedy_sampling, ras_sampling
 from .text_tokenizer import TextTokenizer
-from .train import TrainConfig, load_checkpoint, save_checkpoint, seed_everything, train_loop
+from .train import TrainConfig, load_checkpoint, load_state_dict_checked, save_checkpoint, seed_everything, train_loop
 
 IGNORE_ID = -1  # target (and input padding) value that the loss skips
 Ids = torch.Tensor | list[int] | tuple[int, ...]
@@ -385,24 +385,6 @@ def lm_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1)[keep] == target[keep]).float().mean().detach()
 
 
-def _describe_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> str | None:
-    """None if ``state`` fits ``module`` exactly, else a message naming every problem key."""
-    own = module.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    conflicts = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in sorted(own.keys() & state.keys()) if tuple(state[k].shape) != tuple(own[k].shape)]
-    if not (missing or unexpected or conflicts):
-        return None
-
-    def block(title: str, items: list[str], limit: int = 30) -> str:
-        more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-        return f"  {title} ({len(items)}):" + "".join(f"\n    {x}" for x in items[:limit]) + more
-
-    return "\n".join([f"{what} does not fit {type(module).__name__}:", block("missing keys", missing),
-                      block("unexpected keys", unexpected), block("shape conflicts", conflicts)])
-
-
 def load_official_llm(checkpoint: str | Path | Mapping[str, torch.Tensor], lm: TextSpeechLM | None = None, *,
                       qwen_dir: str | Path | None = None, cfg: LMConfig | None = None,
                       dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TextSpeechLM:
@@ -431,10 +413,7 @@ def load_official_llm(checkpoint: str | Path | Mapping[str, torch.Tensor], lm: T
             lm = TextSpeechLM(cfg, embed.shape[0])
         else:
             raise ValueError("load_official_llm needs a module (lm), a Qwen folder (qwen_dir) or an LMConfig (cfg)")
-    problem = _describe_mismatch(lm, state, what)
-    if problem:
-        raise ValueError(problem)
-    lm.load_state_dict(state, strict=True)
+    load_state_dict_checked(lm, state, what)
     return lm.to(device=device, dtype=dtype).eval()
 
 

@@ -153,6 +153,24 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_config: dict
     return path
 
 
+def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                            what: str = "state dict", shown: int = 30) -> None:
+    """``model.load_state_dict(state_dict, strict=True)``, but a mismatch raises a ``ValueError``
+    listing the missing keys, unexpected keys and shape conflicts by name (no deep torch trace)."""
+    own = model.state_dict()
+    missing = sorted(own.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - own.keys())
+    conflicts = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in sorted(own.keys() & state_dict.keys()) if tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or conflicts:
+        def block(title: str, items: list[str]) -> str:
+            more = f"\n    ... and {len(items) - shown} more" if len(items) > shown else ""
+            return f"\n  {title} ({len(items)}):" + "".join(f"\n    {x}" for x in items[:shown]) + more
+        raise ValueError(f"{what} does not fit {type(model).__name__}:" + block("missing keys", missing)
+                         + block("unexpected keys", unexpected) + block("shape conflicts", conflicts))
+    model.load_state_dict(state_dict, strict=True)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`save_checkpoint`, weights cast back to float32."""
     path = Path(path)

@@ -21,6 +21,16 @@ def need(path: Path, what: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a test module: thousands of tiny kernels only pay for OpenMP's
+    spin-waits on a busy 2-core machine. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def frontend_fixtures() -> dict:
     return torch.load(need(GOLDEN / "frontend_fixtures.pt", "golden front-end fixtures"), weights_only=True)

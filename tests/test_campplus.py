@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from minicosy.audio import load_wav
-from minicosy.campplus import (CAMPPlus, CAMPPlusONNX, export_onnx, load_from_onnx, load_state_dict_checked,
+from minicosy.campplus import (CAMPPlus, CAMPPlusONNX, export_onnx, load_from_onnx,
                                speaker_features)
 from minicosy.config import CAMPPlusConfig, get_config
+from minicosy.train import load_state_dict_checked
 
 from .conftest import SHARED_DATA, need
 

@@ -12,13 +12,7 @@ from .conftest import GOLDEN, MANIFESTS, need
 GOLDEN_CFG = HiFTConfig(base_channels=32, f0_channels=32)  # golden/config.json "hift", "hift_f0_predictor"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny kernels: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

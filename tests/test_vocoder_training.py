@@ -23,12 +23,7 @@ CHECKPOINTS = ROOT / "data" / "checkpoints"
 SR = 24000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tone(f0: float, seconds: float = 1.0, amp: float = 0.5) -> np.ndarray:
