@@ -26,9 +26,7 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import time
 import warnings
 from collections import OrderedDict
@@ -46,7 +44,8 @@ from onnx import numpy_helper
 from .audio import kaldi_fbank, load_wav, resample
 from .config import CAMPPlusConfig, FeatureConfig, get_config
 from .data import load_manifest
-from .train import TrainConfig, load_checkpoint, load_state_dict_checked, save_checkpoint, seed_everything, train_loop
+from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, recipe_parser, save_checkpoint,
+                    seed_everything, train_loop)
 
 MIN_FRAMES = 3          # fbank frames: the stride-2 TDNN must leave >= 2 frames for the std of stats pooling
 ONNX_INPUT, ONNX_OUTPUT = "input", "output"   # the names inside the official campplus.onnx
@@ -567,14 +566,9 @@ def train_campplus(corpus_root: str | Path = "data/corpus", preset: str = "tiny"
 
 def train_main(argv: list[str] | None = None) -> None:
     """``python -m minicosy.train campplus [--minutes 8] [--out PATH]``."""
-    p = argparse.ArgumentParser(prog="python -m minicosy.train campplus")
-    p.add_argument("--minutes", type=float, default=8.0)
-    p.add_argument("--corpus", default="data/corpus")
-    p.add_argument("--out", default="data/checkpoints/campplus_tiny.pt")
+    p = recipe_parser("campplus", 8.0, "data/checkpoints/campplus_tiny.pt")
     p.add_argument("--margin", type=float, default=0.2)
     p.add_argument("--scale", type=float, default=30.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("MINICOSY_THREADS", 2)))
     a = p.parse_args(argv)
     train_campplus(a.corpus, minutes=a.minutes, out=a.out, margin=a.margin, scale=a.scale, seed=a.seed,
                    threads=a.threads)

@@ -34,10 +34,8 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -53,7 +51,8 @@ from .data import load_manifest
 from .flow_encoder import UpsampleConformerEncoder
 from .flow_estimator import CausalConditionalDecoder
 from .masks import CHUNK_M, MASK_NAMES, NON_CAUSAL, make_pad_mask, sample_training_mask
-from .train import TrainConfig, load_checkpoint, load_state_dict_checked, save_checkpoint, seed_everything, train_loop
+from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, recipe_parser, save_checkpoint,
+                    seed_everything, train_loop)
 
 MAX_FIXED_NOISE_FRAMES = 15000   # 300 s of mel at 50 Hz
 
@@ -473,17 +472,12 @@ def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", re
 
 def train_main(argv: list[str] | None = None) -> None:
     """``python -m minicosy.train flow [--recipe paper|official] [--minutes 8] [--out PATH]``."""
-    p = argparse.ArgumentParser(prog="python -m minicosy.train flow")
+    p = recipe_parser("flow", 8.0, "data/checkpoints/flow_tiny.pt")
     p.add_argument("--recipe", choices=["paper", "official"], default="paper")
-    p.add_argument("--minutes", type=float, default=8.0)
-    p.add_argument("--corpus", default="data/corpus")
     p.add_argument("--tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt")
     p.add_argument("--speaker-model", default="data/checkpoints/campplus_tiny.pt")
-    p.add_argument("--out", default="data/checkpoints/flow_tiny.pt")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=100, help="training window (tokens) cut from each utterance")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("MINICOSY_THREADS", 2)))
     a = p.parse_args(argv)
     train_flow(a.corpus, recipe=a.recipe, minutes=a.minutes, out=a.out, tokenizer=a.tokenizer,
                speaker_model=a.speaker_model, batch_size=a.batch_size, max_tokens=a.max_tokens, seed=a.seed,

@@ -28,9 +28,7 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,7 +45,7 @@ from tqdm.auto import tqdm
 from .audio import load_wav, mel_spectrogram
 from .config import FeatureConfig, HiFTConfig, get_config
 from .data import load_manifest
-from .train import (TrainConfig, TrainLog, load_checkpoint, load_state_dict_checked, lr_factor, make_optimizer,
+from .train import (TrainConfig, TrainLog, load_checkpoint, load_state_dict_checked, lr_factor, make_optimizer, recipe_parser,
                     save_checkpoint, seed_everything)
 
 
@@ -555,13 +553,8 @@ def heldout_audio(corpus_root: str | Path = "data/corpus", n: int = 12, max_seco
 def train_main(argv: list[str] | None = None) -> None:
     """``python -m minicosy.train hift [--minutes 15] [--out PATH]``: train, then print HiFT vs
     Griffin-Lim on held-out audio."""
-    p = argparse.ArgumentParser(prog="python -m minicosy.train hift")
-    p.add_argument("--minutes", type=float, default=15.0)
+    p = recipe_parser("hift", 15.0, "data/checkpoints/hift_tiny.pt")
     p.add_argument("--gan-after", type=float, default=0.5, help="share of the budget before the discriminator starts")
-    p.add_argument("--corpus", default="data/corpus")
-    p.add_argument("--out", default="data/checkpoints/hift_tiny.pt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("MINICOSY_THREADS", 2)))
     a = p.parse_args(argv)
     model, _ = train_hift(a.corpus, minutes=a.minutes, gan_after=a.gan_after, out=a.out, seed=a.seed,
                           threads=a.threads)

@@ -30,14 +30,12 @@ Inference (§2.3 "ICL/SFT, (Non-)Streaming") yields speech ids one by one with t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import inspect
 import json
 import math
 import numbers
-import os
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -52,7 +50,8 @@ from .config import LMConfig, get_config
 from .data import load_manifest
 from .lm_sampling import Sampler, greedy_sampling, ras_sampling
 from .text_tokenizer import TextTokenizer
-from .train import TrainConfig, load_checkpoint, load_state_dict_checked, save_checkpoint, seed_everything, train_loop
+from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, recipe_parser, save_checkpoint,
+                    seed_everything, train_loop)
 
 IGNORE_ID = -1  # target (and input padding) value that the loss skips
 Ids = torch.Tensor | list[int] | tuple[int, ...]
@@ -514,18 +513,14 @@ def train_lm(train: list[dict], held: list[dict], cfg: LMConfig, text_vocab_size
 def train_main(argv: list[str] | None = None) -> None:
     """``python -m minicosy.train lm [--minutes 9] [--out data/checkpoints/lm_tiny.pt]``: the tiny
     LM on the corpus' train split; held-out accuracy/perplexity on dev + test."""
-    p = argparse.ArgumentParser(prog="python -m minicosy.train lm")
-    p.add_argument("--minutes", type=float, default=9.0)
+    p = recipe_parser("lm", 9.0, "data/checkpoints/lm_tiny.pt")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--corpus", default="data/corpus")
     p.add_argument("--speech-tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt")
     p.add_argument("--text-tokenizer", default="data/checkpoints/text_tokenizer")
-    p.add_argument("--out", default="data/checkpoints/lm_tiny.pt")
     p.add_argument("--max-rows", type=int, default=3000, help="padded sequence rows per batch")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    threads = int(os.environ.get("MINICOSY_THREADS", 2))
+    threads = a.threads
     torch.set_num_threads(threads)
     tok = TextTokenizer.from_pretrained(a.text_tokenizer)
     train = corpus_examples(a.corpus, ["train"], tok, a.speech_tokenizer)

@@ -24,7 +24,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import math
 import unicodedata
 import time
@@ -41,7 +40,7 @@ from .config import SpeechTokenizerConfig, get_config
 from .data import load_manifest
 from .fsq import FSQ, VectorQuantizer
 from .textnorm import HAN_RE, normalize_for_wer, zh_numbers_to_hanzi
-from .train import TrainConfig, load_checkpoint, save_checkpoint, seed_everything, train_loop
+from .train import TrainConfig, load_checkpoint, recipe_parser, save_checkpoint, seed_everything, train_loop
 
 HOP = 160            # Whisper hop at 16 kHz
 SAMPLES_PER_TOKEN = 4 * HOP
@@ -354,7 +353,7 @@ def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "f
                      desc=f"speech tokenizer ({quantizer})")
     metrics = evaluate(model, held)
     metrics["train_seconds"] = round(time.time() - start, 1)
-    print(f"held-out CER {metrics['cer']:.3f}; codes used {metrics['codes_used']} / {metrics['codebook_size']}")
+    print(f"held-out unit error rate {metrics['cer']:.3f}; codes used {metrics['codes_used']} / {metrics['codebook_size']}")
     if out is not None:
         save_checkpoint(out, model, model.model_config(), tcfg, log, metrics=metrics)
     return model, metrics
@@ -362,13 +361,8 @@ def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "f
 
 def train_main(argv: list[str] | None = None) -> None:
     """``python -m minicosy.train tokenizer [--quantizer fsq|vq] [--minutes 8] [--out PATH]``."""
-    p = argparse.ArgumentParser(prog="python -m minicosy.train tokenizer")
+    p = recipe_parser("tokenizer", 8.0, None)       # --out default: speech_tokenizer_<quantizer>.pt
     p.add_argument("--quantizer", choices=["fsq", "vq"], default="fsq")
-    p.add_argument("--minutes", type=float, default=8.0)
-    p.add_argument("--corpus", default="data/corpus")
-    p.add_argument("--out", default=None, help="default: data/checkpoints/speech_tokenizer_<quantizer>.pt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     out = a.out or f"data/checkpoints/speech_tokenizer_{a.quantizer}.pt"
     train_tokenizer(a.corpus, a.quantizer, minutes=a.minutes, out=out, seed=a.seed, threads=a.threads)

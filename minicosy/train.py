@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -181,6 +182,18 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path} is not a minicosy checkpoint (no state_dict/model_config)")
     ckpt["state_dict"] = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}
     return ckpt
+
+
+def recipe_parser(name: str, minutes: float, out: str | None) -> argparse.ArgumentParser:
+    """The options every recipe shares: ``--minutes``, ``--corpus``, ``--out``, ``--seed`` and
+    ``--threads`` (default ``$MINICOSY_THREADS`` or 2)."""
+    p = argparse.ArgumentParser(prog=f"python -m minicosy.train {name}")
+    p.add_argument("--minutes", type=float, default=minutes, help="training time budget")
+    p.add_argument("--corpus", default="data/corpus")
+    p.add_argument("--out", default=out)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("MINICOSY_THREADS", 2)))
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,8 +68,8 @@ def plot_pipeline(cfg: MiniCosyConfig) -> plt.Figure:
     for by, title, body, target, label in side:
         _box(ax, 3.0, by, 3.0, 1.1, title, body, "prompt")
         _arrow(ax, (2.0, 2.0), (3.0, by + 0.55))
-        ax.annotate("", xy=target, xytext=(6.0, by + 0.55),
-                    arrowprops=dict(arrowstyle="->", lw=1.2, color="#6d28d9", connectionstyle="angle,angleA=0,angleB=90"))
+        ax.annotate("", xy=target, xytext=(6.0, by + 0.55), arrowprops=dict(
+            arrowstyle="->", lw=1.2, color="#6d28d9", connectionstyle="angle,angleA=0,angleB=90"))
         ax.text(target[0] + 0.1, by + 0.65, label, fontsize=8.5, color="#6d28d9", fontweight="bold")
     ax.set_title(f"CosyVoice 2 as built by minicosy (preset '{cfg.name}')", fontsize=12)
     fig.tight_layout()

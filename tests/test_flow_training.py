@@ -10,7 +10,7 @@ import torch
 from minicosy.config import get_config
 from minicosy.flow import (CausalMaskedDiffWithXvec, collate, cosine_t_span, evaluate_masks, flow_mels,
                            heldout_mel_l1, random_batches, stream_inference)
-from minicosy.masks import CHUNK_M, FULL_CAUSAL, MASK_NAMES, NON_CAUSAL
+from minicosy.masks import FULL_CAUSAL, MASK_NAMES, NON_CAUSAL
 from minicosy.train import TrainConfig, TrainLog, save_checkpoint, train_loop
 
 

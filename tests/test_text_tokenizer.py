@@ -1,6 +1,5 @@
 """The BPE text tokenizer (§2.1): Qwen2 file format, official special tokens, one-to-many masking."""
 import json
-import re
 
 import pytest
 
