@@ -305,6 +305,7 @@ class CAMPPlusONNX:
             raise FileNotFoundError(f"CAM++ ONNX model {path} does not exist")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = num_threads
+        self.path = path
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.n_mels = n_mels

@@ -19,8 +19,10 @@ Usage::
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from .audio import resample
 from .textnorm import CHAR_LANGS, normalize_for_wer
@@ -110,3 +112,82 @@ def equal_error_rate(scores: np.ndarray, labels: np.ndarray) -> tuple[float, flo
     fnr = 1 - tpr
     k = int(np.nanargmin(np.abs(fnr - fpr)))
     return float((fpr[k] + fnr[k]) / 2), float(thresholds[k])
+
+
+# ---- end-to-end evaluation (a small Table 5 / Table 8) ---------------------------------------------
+def synthesis_trials(corpus_root: str | Path = "data/corpus", n: int = 8, lang: str = "en") -> list[dict]:
+    """Held-out sentences spoken by held-out voices: per trial the target record (its text and its
+    corpus recording) and a prompt record of the same voice with a different sentence."""
+    from .data import load_manifest
+
+    records = [r for r in load_manifest(corpus_root, "heldout") if r["lang"] == lang]
+    if len(records) < 2:
+        raise ValueError(f"the corpus under {corpus_root} has fewer than 2 held-out {lang} utterances")
+    by_voice: dict[str, list[dict]] = {}
+    for r in records:
+        by_voice.setdefault(r["speaker"], []).append(r)
+    voices = sorted(by_voice)
+    trials = []
+    for k in range(n):
+        own = by_voice[voices[k % len(voices)]]
+        target = own[(k // len(voices)) % len(own)]
+        prompt = min((r for r in own if r["id"] != target["id"]), key=lambda r: abs(r["duration"] - 4.0))
+        trials.append({"target": target, "prompt": prompt})
+    return trials
+
+
+def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes: tuple[str, ...] = ("offline", "stream"),
+                 seed: int = 0, incremental: bool = False, progress: bool = True) -> dict[str, dict[str, float]]:
+    """WER (pocketsphinx) and speaker similarity to the prompt (resemblyzer and the pipeline's own
+    CAM++) of zero-shot synthesis on :func:`synthesis_trials`, per mode, next to the same numbers for
+    the corpus recordings themselves ("corpus audio"). Also the mean RTF and first-package latency."""
+    from tqdm.auto import tqdm
+
+    from .audio import load_wav
+
+    root = Path(corpus_root)
+    asr, judge = SphinxASR(), SpeakerEncoder()
+    campp = tts.frontend.speaker_model
+
+    def campp_sim(a: np.ndarray, sr_a: int, b: np.ndarray, sr_b: int) -> float:
+        ea, eb = campp.embed(a, sr_a).reshape(-1).numpy(), campp.embed(b, sr_b).reshape(-1).numpy()
+        return float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb)))
+
+    trials = synthesis_trials(root, n)
+    rows: dict[str, dict[str, list]] = {m: {"ref": [], "hyp": [], "sim": [], "sim_campp": [], "rtf": [], "fpl": []}
+                                        for m in ("corpus audio", *modes)}
+    for trial in tqdm(trials, desc="synthesis evaluation", disable=not progress):
+        target, prompt = trial["target"], trial["prompt"]
+        prompt_wav, psr = load_wav(root / prompt["path"])
+        outputs = {"corpus audio": (load_wav(root / target["path"]), None)}
+        for mode in modes:
+            chunks = list(tts.inference_zero_shot(target["text"], prompt["text"], (prompt_wav, psr), stream=mode == "stream",
+                                                  seed=seed, incremental=incremental))
+            wav = torch.cat([c["tts_speech"] for c in chunks], dim=1)[0].numpy()
+            outputs[mode] = ((wav, tts.sample_rate), chunks[-1]["totals"])
+        for mode, ((wav, sr), totals) in outputs.items():
+            row = rows[mode]
+            row["ref"].append(target["text"])
+            row["hyp"].append(asr.transcribe(wav, sr))
+            row["sim"].append(judge.similarity(wav, sr, prompt_wav, psr))
+            row["sim_campp"].append(campp_sim(wav, sr, prompt_wav, psr))
+            if totals is not None:
+                row["rtf"].append(totals["rtf"])
+                row["fpl"].append(totals["first_package_s"])
+    table = {}
+    for mode, row in rows.items():
+        table[mode] = {"WER": error_rate(row["ref"], row["hyp"], "en"), "SIM (resemblyzer)": float(np.mean(row["sim"])),
+                       "SIM (CAM++)": float(np.mean(row["sim_campp"])), "n": len(row["ref"])}
+        if row["rtf"]:
+            table[mode].update({"RTF": float(np.mean(row["rtf"])), "first package (s)": float(np.mean(row["fpl"]))})
+    return table
+
+
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    """A plain-text table of :func:`evaluate_tts`'s result (rows = modes)."""
+    cols = ["WER", "SIM (resemblyzer)", "SIM (CAM++)", "RTF", "first package (s)", "n"]
+    lines = [f"{'':14s}" + "".join(f"{c:>20s}" for c in cols)]
+    for mode, row in table.items():
+        cells = [f"{row[c]:>20.3f}" if isinstance(row.get(c), float) else f"{row.get(c, '-')!s:>20s}" for c in cols]
+        lines.append(f"{mode:14s}" + "".join(cells))
+    return "\n".join(lines)

@@ -85,25 +85,28 @@ class CausalConditionalCFM(nn.Module):
         self.cfg = cfg
         self.estimator = CausalConditionalDecoder(cfg)
 
-    def initial_noise(self, mu: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """X_0 for (B, 80, T): the official fixed noise sliced to T, or fresh N(0, I) from ``generator``."""
+    def initial_noise(self, mu: torch.Tensor, generator: torch.Generator | None, offset: int = 0) -> torch.Tensor:
+        """X_0 for (B, 80, T): the official fixed noise at frames offset..offset+T-1, or fresh
+        N(0, I) from ``generator``."""
         b, c, t = mu.shape
         if generator is not None:
             return _draw((b, c, t), generator, mu, normal=True)
-        if t > MAX_FIXED_NOISE_FRAMES:
-            raise ValueError(f"{t} frames exceed the official fixed noise ({MAX_FIXED_NOISE_FRAMES} frames); "
+        if offset + t > MAX_FIXED_NOISE_FRAMES:
+            raise ValueError(f"{offset + t} frames exceed the official fixed noise ({MAX_FIXED_NOISE_FRAMES} frames); "
                              "pass a torch.Generator for fresh noise")
-        return fixed_noise(c)[:, :, :t].to(mu).expand(b, -1, -1)
+        return fixed_noise(c)[:, :, offset:offset + t].to(mu).expand(b, -1, -1)
 
     @torch.inference_mode()
     def sample_path(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
                     mask_kind: int | torch.Tensor = NON_CAUSAL, n_timesteps: int | None = None,
                     temperature: float = 1.0, generator: torch.Generator | None = None,
-                    cfg_rate: float | None = None, schedule: str = "cosine") -> torch.Tensor:
+                    cfg_rate: float | None = None, schedule: str = "cosine",
+                    caches: list[dict] | None = None, offset: int = 0) -> torch.Tensor:
         """The whole Euler trajectory X_{t_0..t_n} (n+1, B, 80, T) on the cosine (eq. 9) or linear
         grid, with CFG (eq. 10): the conditional and the unconditional (μ, v, X̃_1 = 0) velocity
         come from one batch of 2B rows and mix as (1+β)·v_cond - β·v_uncond, β = ``cfg_rate``
-        (default ``cfg.cfg_rate``). mu, cond (B, 80, T); mask (B, 1, T); spks (B, 80)."""
+        (default ``cfg.cfg_rate``). mu, cond (B, 80, T); mask (B, 1, T); spks (B, 80).
+        ``caches`` (one dict per step) and ``offset``: incremental streaming, see the estimator."""
         n_timesteps = n_timesteps or self.cfg.n_timesteps
         beta = self.cfg.cfg_rate if cfg_rate is None else cfg_rate
         if schedule == "cosine":
@@ -112,14 +115,17 @@ class CausalConditionalCFM(nn.Module):
             t_span = torch.linspace(0, 1, n_timesteps + 1, device=mu.device, dtype=mu.dtype)
         else:
             raise ValueError(f"schedule must be 'cosine' or 'linear', got {schedule!r}")
-        x = self.initial_noise(mu, generator) * temperature
+        if caches is not None and len(caches) != n_timesteps:
+            raise ValueError(f"need one cache per ODE step ({n_timesteps}), got {len(caches)}")
+        x = self.initial_noise(mu, generator, offset) * temperature
         mask2, mu2 = torch.cat([mask, mask]), torch.cat([mu, torch.zeros_like(mu)])
         spks2, cond2 = torch.cat([spks, torch.zeros_like(spks)]), torch.cat([cond, torch.zeros_like(cond)])
         kind2 = torch.cat([torch.as_tensor(mask_kind, device=mu.device).expand(mu.shape[0])] * 2)
         t, dt = t_span[:1], t_span[1] - t_span[0]
         path = [x]
         for step in range(1, n_timesteps + 1):
-            v = self.estimator(torch.cat([x, x]), mask2, mu2, t.expand(2 * x.shape[0]), spks2, cond2, kind2)
+            v = self.estimator(torch.cat([x, x]), mask2, mu2, t.expand(2 * x.shape[0]), spks2, cond2, kind2,
+                               None if caches is None else caches[step - 1], offset)
             v_cond, v_uncond = v.chunk(2)
             x = x + dt * ((1.0 + beta) * v_cond - beta * v_uncond)
             path.append(x)
@@ -278,30 +284,94 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return model.eval()
 
 
+class FlowStreamer:
+    """Streaming token-to-mel for one request (NOTES.md §3), fed with the tokens known so far.
+
+    The first chunk waits for ``hop + pad + P`` tokens, ``pad`` putting prompt + first hop on the
+    chunk grid; each chunk yields the mel of ``hop`` new tokens (the P after them are look-ahead
+    only) and the hop then grows ×``scale`` up to ``max_hop``; :meth:`finish` yields the rest.
+
+    * ``incremental=False`` (official): every chunk re-runs the flow over the prompt and all
+      tokens so far with ``mask_kind`` and keeps the new frames (quadratic work); the last call
+      runs non-causally over everything.
+    * ``incremental=True``: the estimator runs on the new frames only, reusing each ODE step's
+      cached keys/values and causal-conv tails of earlier frames, which chunk masks make
+      independent of later ones; the encoder (2-3 % of the flow's time) is re-run. The last call
+      keeps the chunk mask. Non-final chunks equal the recompute path's (tests/test_pipeline.py).
+
+    All state (offset, hop, caches) lives on this object: one per request."""
+
+    def __init__(self, flow: CausalMaskedDiffWithXvec, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+                 embedding: torch.Tensor, hop: int = 25, max_hop: int = 100, scale: int = 2,
+                 incremental: bool = False, mask_kind: int = CHUNK_M, n_timesteps: int | None = None,
+                 **solver) -> None:
+        if hop <= 0 or max_hop < hop or scale < 1:
+            raise ValueError(f"need 0 < hop <= max_hop and scale >= 1, got hop={hop}, max_hop={max_hop}, scale={scale}")
+        if incremental and mask_kind == NON_CAUSAL:
+            raise ValueError("incremental streaming needs a causal mask kind (chunk or full-causal)")
+        self.flow, self.prompt_token, self.prompt_feat, self.embedding = flow, prompt_token, prompt_feat, embedding
+        self.hop, self.max_hop, self.scale, self.mask_kind = hop, max_hop, scale, mask_kind
+        self.incremental, self.solver = incremental, dict(solver, n_timesteps=n_timesteps)
+        self.pad = math.ceil(prompt_token.shape[1] / hop) * hop - prompt_token.shape[1]
+        self.offset = 0          # generated tokens already turned into mel
+        self.frames = 0          # frames (prompt included) already through the incremental estimator
+        self.caches = [{} for _ in range(n_timesteps or flow.cfg.n_timesteps)]
+
+    @property
+    def this_hop(self) -> int:
+        return self.hop + self.pad if self.offset == 0 else self.hop
+
+    @property
+    def needed(self) -> int:
+        """Tokens that must be known before :meth:`chunk` can run."""
+        return self.offset + self.this_hop + self.flow.cfg.pre_lookahead_len
+
+    def _incremental(self, token: torch.Tensor, finalize: bool) -> torch.Tensor:
+        flow = self.flow
+        mu, mask, spks, cond, n_prompt = flow.conditions(token, self.prompt_token, self.prompt_feat, self.embedding,
+                                                         finalize, self.mask_kind)
+        start = self.frames
+        solver = {k: v for k, v in self.solver.items() if k != "n_timesteps"}
+        mel = flow.decoder.sample_path(mu[:, :, start:], mask[:, :, start:], spks, cond[:, :, start:], self.mask_kind,
+                                       self.solver["n_timesteps"], caches=self.caches, offset=start, **solver)[-1]
+        self.frames = mu.shape[2]
+        return mel[:, :, max(n_prompt - start, 0):]
+
+    def chunk(self, token: torch.Tensor) -> torch.Tensor:
+        """Mel (1, 80, ratio·hop) of the next hop; ``token`` (1, ≥ :attr:`needed`) are all tokens so far."""
+        if token.shape[1] < self.needed:
+            raise ValueError(f"chunk needs {self.needed} tokens, got {token.shape[1]}")
+        token = token[:, :self.needed]
+        if self.incremental:
+            mel = self._incremental(token, finalize=False)
+        else:
+            mel = self.flow.inference(token, self.prompt_token, self.prompt_feat, self.embedding, finalize=False,
+                                      mask_kind=self.mask_kind, **self.solver)[:, :, self.flow.cfg.token_mel_ratio * self.offset:]
+        self.offset += self.this_hop
+        self.hop = min(self.max_hop, self.hop * self.scale)
+        return mel
+
+    def finish(self, token: torch.Tensor) -> torch.Tensor:
+        """Mel of the tokens after the last chunk; ``token`` (1, T) are all the request's tokens."""
+        if token.shape[1] < self.offset:
+            raise ValueError(f"finish got {token.shape[1]} tokens, fewer than the {self.offset} already streamed")
+        if token.shape[1] == self.offset:
+            return self.prompt_feat.new_zeros(1, self.flow.cfg.n_mels, 0)
+        if self.incremental:
+            return self._incremental(token, finalize=True)
+        mel = self.flow.inference(token, self.prompt_token, self.prompt_feat, self.embedding, finalize=True,
+                                  mask_kind=NON_CAUSAL, **self.solver)
+        return mel[:, :, self.flow.cfg.token_mel_ratio * self.offset:]
+
+
 def stream_inference(flow: CausalMaskedDiffWithXvec, token: torch.Tensor, prompt_token: torch.Tensor,
-                     prompt_feat: torch.Tensor, embedding: torch.Tensor, hop: int = 25, max_hop: int = 100,
-                     scale: int = 2, mask_kind: int = CHUNK_M, **solver) -> Iterator[torch.Tensor]:
-    """Token-to-mel streaming as the official orchestration runs it (NOTES.md §3), for tokens
-    that are all known (the LM side is simulated). The first chunk waits for hop + pad + P
-    tokens, pad putting prompt + first hop on the chunk grid; every chunk re-runs the flow on
-    the prompt and all tokens so far with ``mask_kind`` and ``finalize=False`` (the last P
-    tokens are look-ahead only) and yields the new mel frames; the hop then grows ×``scale`` up
-    to ``max_hop``. A last call with full context (non-causal, ``finalize=True``) yields the
-    rest. The hop is a local variable: nothing is stored on the model between requests."""
-    ratio, look = flow.cfg.token_mel_ratio, flow.cfg.pre_lookahead_len
-    pad = math.ceil(prompt_token.shape[1] / hop) * hop - prompt_token.shape[1]
-    offset = 0
-    while True:
-        this_hop = hop + pad if offset == 0 else hop
-        if token.shape[1] - offset < this_hop + look:
-            break
-        mel = flow.inference(token[:, :offset + this_hop + look], prompt_token, prompt_feat, embedding,
-                             finalize=False, mask_kind=mask_kind, **solver)
-        yield mel[:, :, ratio * offset:]
-        offset += this_hop
-        hop = min(max_hop, hop * scale)
-    mel = flow.inference(token, prompt_token, prompt_feat, embedding, finalize=True, mask_kind=NON_CAUSAL, **solver)
-    yield mel[:, :, ratio * offset:]
+                     prompt_feat: torch.Tensor, embedding: torch.Tensor, **kwargs) -> Iterator[torch.Tensor]:
+    """Token-to-mel streaming of tokens that are all known (the LM side simulated): the mel chunks
+    of a :class:`FlowStreamer` (``kwargs``: its options), the last one from ``finish``."""
+    streamer = FlowStreamer(flow, prompt_token, prompt_feat, embedding, **kwargs)
+    while token.shape[1] >= streamer.needed:
+        yield streamer.chunk(token)
+    yield streamer.finish(token)
 
 
 def load_flow_state_dict(model: CausalMaskedDiffWithXvec,

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from .config import FlowConfig
 from .masks import NON_CAUSAL, batch_chunk_mask, mask_to_bias
 
+Cache = dict  # per-module state of incremental streaming: {module: tensor or (keys, values)}
+
 
 def sinusoidal_time_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
     """(B,) timesteps in [0, 1] -> (B, dim): [sin(scale·t·ω_i), cos(scale·t·ω_i)], ω_i = 10000^(-i/(dim/2-1))."""
@@ -35,13 +37,21 @@ def sinusoidal_time_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) 
 
 
 class CausalConv1d(nn.Conv1d):
-    """Conv1d that sees only the present and the past: left zero padding of kernel_size-1."""
+    """Conv1d that sees only the present and the past: left zero padding of kernel_size-1.
+    With a ``cache`` (incremental streaming) the left context is the previous call's last
+    kernel_size-1 input frames instead of zeros, and the cache keeps this call's."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
         super().__init__(in_channels, out_channels, kernel_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        left = self.kernel_size[0] - 1
+        if cache is None:
+            return super().forward(F.pad(x, (left, 0)))
+        past = cache.get(self)
+        x = torch.cat([x.new_zeros(*x.shape[:2], left) if past is None else past, x], dim=2)
+        cache[self] = x[:, :, -left:]
+        return super().forward(x)
 
 
 class Transpose(nn.Module):
@@ -59,8 +69,12 @@ class CausalBlock1D(nn.Module):
         self.block = nn.Sequential(CausalConv1d(dim, dim_out, 3), Transpose(), nn.LayerNorm(dim_out),
                                    Transpose(), nn.Mish())
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.block(x * mask) * mask
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        conv, *rest = self.block
+        h = conv(x * mask, cache)
+        for layer in rest:
+            h = layer(h)
+        return h * mask
 
 
 class CausalResnetBlock1D(nn.Module):
@@ -73,13 +87,15 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x, mask) + self.mlp(time_emb).unsqueeze(-1)
-        return self.block2(h, mask) + self.res_conv(x * mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, time_emb: torch.Tensor,
+                cache: Cache | None = None) -> torch.Tensor:
+        h = self.block1(x, mask, cache) + self.mlp(time_emb).unsqueeze(-1)
+        return self.block2(h, mask, cache) + self.res_conv(x * mask)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with an additive bias (B, T, T); no q/k/v biases."""
+    """Multi-head self-attention with an additive bias (B, T, T); no q/k/v biases. With a ``cache``
+    the new frames' keys/values are appended to the cached ones (bias then (B, T_new, T_all))."""
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -90,9 +106,13 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = (proj(x).view(b, t, self.heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        if cache is not None:
+            if self in cache:
+                k, v = torch.cat([cache[self][0], k], dim=2), torch.cat([cache[self][1], v], dim=2)
+            cache[self] = (k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1))
         return self.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
 
@@ -129,8 +149,8 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), bias, cache)
         return x + self.ff(self.norm3(x))
 
 
@@ -179,27 +199,36 @@ class CausalConditionalDecoder(nn.Module):
                     nn.init.zeros_(m.bias)
 
     @staticmethod
-    def _transformers(x: torch.Tensor, blocks: nn.ModuleList, bias: torch.Tensor) -> torch.Tensor:
+    def _transformers(x: torch.Tensor, blocks: nn.ModuleList, bias: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         x = x.transpose(1, 2)
         for block in blocks:
-            x = block(x, bias)
+            x = block(x, bias, cache)
         return x.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
-                spks: torch.Tensor, cond: torch.Tensor,
-                mask_kind: int | torch.Tensor = NON_CAUSAL) -> torch.Tensor:
+                spks: torch.Tensor, cond: torch.Tensor, mask_kind: int | torch.Tensor = NON_CAUSAL,
+                cache: Cache | None = None, offset: int = 0) -> torch.Tensor:
         """x, mu, cond (B, 80, T); mask (B, 1, T) float; t (B,); spks (B, 80) -> velocity (B, 80, T).
-        ``mask_kind``: attention mask kind(s) of ``minicosy.masks``; ``CHUNK_M`` = official streaming."""
+        ``mask_kind``: attention mask kind(s) of ``minicosy.masks``; ``CHUNK_M`` = official streaming.
+
+        Incremental streaming: with a ``cache`` (a dict this call fills), the T frames are frames
+        ``offset .. offset+T-1`` of a longer unpadded sequence whose first ``offset`` frames went
+        through earlier calls with the same cache; their keys/values and causal-conv tails are
+        reused. With a chunk mask and ``offset`` on the chunk grid this equals running all frames."""
         t = self.time_mlp(sinusoidal_time_embedding(t, self.in_channels).to(t.dtype))
         h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]), cond], dim=1)
-        bias = mask_to_bias(batch_chunk_mask(mask.bool(), mask_kind, self.chunk_frames), h.dtype)
+        if cache is None and offset:
+            raise ValueError("offset > 0 needs the cache of the earlier frames")
+        past = mask.new_ones(mask.shape[0], 1, offset)
+        allowed = batch_chunk_mask(torch.cat([past, mask], dim=2).bool(), mask_kind, self.chunk_frames)
+        bias = mask_to_bias(allowed[:, offset:], h.dtype)
 
         resnet, blocks, conv = self.down_blocks[0]
-        skip = self._transformers(resnet(h, mask, t), blocks, bias)
-        h = conv(skip * mask)
+        skip = self._transformers(resnet(h, mask, t, cache), blocks, bias, cache)
+        h = conv(skip * mask, cache)
         for resnet, blocks in self.mid_blocks:
-            h = self._transformers(resnet(h, mask, t), blocks, bias)
+            h = self._transformers(resnet(h, mask, t, cache), blocks, bias, cache)
         resnet, blocks, conv = self.up_blocks[0]
-        h = self._transformers(resnet(torch.cat([h, skip], dim=1), mask, t), blocks, bias)
-        h = conv(h * mask)
-        return self.final_proj(self.final_block(h, mask) * mask) * mask
+        h = self._transformers(resnet(torch.cat([h, skip], dim=1), mask, t, cache), blocks, bias, cache)
+        h = conv(h * mask, cache)
+        return self.final_proj(self.final_block(h, mask, cache) * mask) * mask

@@ -265,6 +265,49 @@ class HiFTGenerator(nn.Module):
         return self.decode(mel, source), source
 
 
+class VocoderStream:
+    """Streaming mel-to-wav for one request with the official HiFT cache (NOTES.md §3).
+
+    Each non-final chunk is vocoded with the previous chunk's last ``mel_cache_len`` mel frames in
+    front and its first ``source_cache_len`` source samples taken from the previous chunk (phase
+    continuity); its first ``source_cache_len`` samples are cross-faded with the withheld tail of
+    the previous chunk by a Hamming window of twice that length; the last ``source_cache_len``
+    samples are withheld for the next chunk. The final chunk emits everything."""
+
+    def __init__(self, hift: HiFTGenerator, mel_cache_len: int = 8, source_cache_len: int = 8 * 480,
+                 generator: torch.Generator | None = None) -> None:
+        self.hift, self.generator = hift, generator
+        self.mel_cache_len, self.source_cache_len = mel_cache_len, source_cache_len
+        self.window = torch.hamming_window(2 * source_cache_len, periodic=False, dtype=torch.float64).float()
+        self.cache: dict[str, torch.Tensor] | None = None
+
+    def _fade(self, speech: torch.Tensor) -> torch.Tensor:
+        n, w = self.source_cache_len, self.window.to(speech)
+        speech = speech.clone()
+        speech[:, :n] = speech[:, :n] * w[:n] + self.cache["speech"] * w[n:]
+        return speech
+
+    def __call__(self, mel: torch.Tensor, finalize: bool) -> torch.Tensor:
+        """Waveform (1, samples) for the next mel chunk (1, 80, T) of the request."""
+        source = None
+        if self.cache is not None:
+            mel = torch.cat([self.cache["mel"], mel], dim=2)
+            source = self.cache["source"]
+        if mel.shape[2] == 0:
+            return mel.new_zeros(1, 0)
+        speech, new_source = self.hift.inference(mel, source, self.generator)
+        if self.cache is not None:
+            speech = self._fade(speech)
+        if finalize:
+            self.cache = None
+            return speech
+        n = self.source_cache_len
+        if speech.shape[1] <= n:
+            raise ValueError(f"a streaming chunk must give more than {n} samples, got {speech.shape[1]}")
+        self.cache = {"mel": mel[:, :, -self.mel_cache_len:], "source": new_source[:, :, -n:], "speech": speech[:, -n:]}
+        return speech[:, :-n]
+
+
 # ---- official checkpoints -------------------------------------------------------------------------
 def _official_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the substring ``generator.`` (HiFiGan training checkpoints, NOTES.md §1) and rename legacy

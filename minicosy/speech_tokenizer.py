@@ -408,6 +408,7 @@ class OnnxSpeechTokenizer:
             raise FileNotFoundError(f"speech tokenizer ONNX file {path} not found")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
+        self.path = path
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 

@@ -1,0 +1,131 @@
+"""The front-end of synthesis (Fig. 1 left; official ``CosyVoiceFrontEnd``, NOTES.md §6-7): text ->
+normalised sentences -> BPE ids, and a prompt recording -> speech tokens, flow mel and x-vector.
+
+Usage::
+
+    fe = Frontend(text_tokenizer, speech_tokenizer, speaker_model)
+    fe.sentences("It costs $5. Then we go.")       # ['It costs five dollars. Then we go.']
+    prompt = fe.prompt("voice.wav", "Transcript of voice.wav.")
+    prompt.speech_token.shape, prompt.speech_feat.shape, prompt.embedding.shape   # (1,P) (1,2P,80) (1,192)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol, Union
+
+import numpy as np
+import torch
+
+from .audio import load_wav, mel_spectrogram, resample
+from .text_tokenizer import TextTokenizer
+from .textnorm import normalize_text, split_sentences
+
+MIN_PROMPT_SECONDS = 1.0
+MAX_PROMPT_SECONDS = 30.0     # the official speech tokenizer refuses longer audio (NOTES.md §6)
+SILENCE_PEAK = 1e-3
+
+# a path, (waveform, sample_rate), or a bare waveform at 16 kHz (the official ``prompt_speech_16k``)
+PromptAudio = Union[str, Path, tuple, np.ndarray, torch.Tensor]
+
+
+class Tokenizes(Protocol):
+    def tokenize(self, wav: np.ndarray, sr: int) -> torch.Tensor: ...
+
+
+class Embeds(Protocol):
+    def embed(self, wav: np.ndarray, sr: int) -> torch.Tensor: ...
+
+
+@dataclass
+class Prompt:
+    """What a prompt recording gives the LM and the flow (official ``frontend_zero_shot``)."""
+
+    text_ids: list[int]            # normalised prompt transcript (empty when not needed)
+    speech_token: torch.Tensor     # (1, P) int64, 25 Hz
+    speech_feat: torch.Tensor      # (1, 2P, 80) flow mel, 50 Hz
+    embedding: torch.Tensor        # (1, 192) CAM++ x-vector
+    seconds: float                 # duration of the recording
+
+
+def read_prompt_audio(audio: PromptAudio, what: str = "prompt audio") -> tuple[np.ndarray, int]:
+    """Mono float32 waveform and rate of any supported prompt; checks its length and loudness.
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the problem."""
+    if isinstance(audio, (str, Path)):
+        wav, sr = load_wav(audio)
+    elif isinstance(audio, tuple):
+        if len(audio) != 2 or not isinstance(audio[1], (int, np.integer)):
+            raise ValueError(f"{what}: a tuple must be (waveform, sample_rate), got {type(audio).__name__} of {len(audio)}")
+        wav, sr = audio
+    elif isinstance(audio, (np.ndarray, torch.Tensor)):
+        wav, sr = audio, 16000
+    else:
+        raise ValueError(f"{what} must be a path, (waveform, sample_rate) or a 16 kHz waveform, got {type(audio).__name__}")
+    wav = torch.as_tensor(wav, dtype=torch.float32).detach().cpu().numpy()
+    if wav.ndim == 2:                        # (channels, samples) or (samples, channels): downmix
+        wav = wav.mean(axis=0 if wav.shape[0] < wav.shape[1] else 1)
+    if wav.ndim != 1 or sr <= 0:
+        raise ValueError(f"{what}: expected a mono or multi-channel waveform and a positive rate, "
+                         f"got shape {wav.shape} at {sr} Hz")
+    seconds = wav.size / sr
+    if seconds < MIN_PROMPT_SECONDS:
+        raise ValueError(f"{what} is too short: {seconds:.2f} s, need at least {MIN_PROMPT_SECONDS:.0f} s")
+    if seconds > MAX_PROMPT_SECONDS:
+        raise ValueError(f"{what} is too long: {seconds:.1f} s, at most {MAX_PROMPT_SECONDS:.0f} s")
+    if not np.isfinite(wav).all():
+        raise ValueError(f"{what} contains NaN or infinite samples")
+    if float(np.abs(wav).max()) < SILENCE_PEAK:
+        raise ValueError(f"{what} is silent (peak below {SILENCE_PEAK})")
+    return wav.astype(np.float32), int(sr)
+
+
+class Frontend:
+    """Text and prompt processing shared by every inference mode."""
+
+    def __init__(self, text_tokenizer: TextTokenizer, speech_tokenizer: Tokenizes, speaker_model: Embeds,
+                 sample_rate: int = 24000, token_mel_ratio: int = 2) -> None:
+        self.text_tokenizer, self.speech_tokenizer, self.speaker_model = text_tokenizer, speech_tokenizer, speaker_model
+        self.sample_rate, self.token_mel_ratio = sample_rate, token_mel_ratio
+
+    def sentences(self, text: str, normalize: bool = True) -> list[str]:
+        """Normalised sentences to synthesise one by one (official ``text_normalize(split=True)``);
+        text holding ``<|...|>`` special tokens is kept whole. Empty text is a ``ValueError``."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str or an iterable of str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("text is empty: nothing to synthesise")
+        if not normalize or "<|" in text:
+            return [text.strip()]
+        pieces = split_sentences(normalize_text(text))
+        if not pieces:
+            raise ValueError(f"text {text!r} has nothing to say (punctuation only)")
+        return pieces
+
+    def text_ids(self, text: str, normalize: bool = True) -> list[int]:
+        """BPE ids of one piece of text (no BOS/EOS)."""
+        return self.text_tokenizer.encode(normalize_text(text) if normalize else text)
+
+    def text_id_stream(self, pieces: Iterable[str]) -> Iterator[list[int]]:
+        """Text-in streaming: ids of each piece as it arrives (not normalised, as officially)."""
+        for piece in pieces:
+            if not isinstance(piece, str):
+                raise ValueError(f"a text stream must yield str, got {type(piece).__name__}")
+            ids = self.text_tokenizer.encode(piece)
+            if ids:
+                yield ids
+
+    def prompt(self, audio: PromptAudio, prompt_text: str | None = None, normalize: bool = True) -> Prompt:
+        """Speech tokens, mel and x-vector of a prompt recording, trimmed to a common length (2 mel
+        frames per token), and the ids of its transcript if given."""
+        wav, sr = read_prompt_audio(audio)
+        wav16 = resample(wav, sr, 16000)
+        token = torch.as_tensor(self.speech_tokenizer.tokenize(wav16, 16000)).long().reshape(1, -1)
+        feat = mel_spectrogram(resample(wav, sr, self.sample_rate)).T.unsqueeze(0)      # (1, F, 80)
+        n = min(feat.shape[1] // self.token_mel_ratio, token.shape[1])
+        embedding = torch.as_tensor(self.speaker_model.embed(wav16, 16000)).float().reshape(1, -1)
+        text_ids: list[int] = []
+        if prompt_text is not None:
+            if not isinstance(prompt_text, str) or not prompt_text.strip():
+                raise ValueError("prompt_text is empty: zero-shot needs the transcript of the prompt audio")
+            text_ids = self.text_ids(prompt_text, normalize)
+        return Prompt(text_ids, token[:, :n], feat[:, :self.token_mel_ratio * n].contiguous(), embedding, wav.size / sr)

@@ -1,0 +1,316 @@
+"""CosyVoice 2 end to end (Fig. 1): text -> LM speech tokens -> flow mel -> HiFT waveform, offline or
+streaming (§2.5), with the official ``CosyVoice2`` API (NOTES.md §3, §7).
+
+Usage::
+
+    tts = CosyVoice2.from_pretrained("tiny")                       # or an official CosyVoice2-0.5B folder
+    for out in tts.inference_zero_shot("Hello there.", "Transcript of the prompt.", "prompt.wav", stream=True):
+        play(out["tts_speech"])                                     # (1, samples) at 24 kHz
+        print(out["timings"], out["totals"]["first_package_s"])
+
+Every request keeps its state (LM cache, token offset, hop, flow caches, vocoder cache, random
+generator) in its own generator, so several requests can be interleaved freely.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .campplus import CAMPPlus
+from .config import MiniCosyConfig, get_config
+from .flow import CausalMaskedDiffWithXvec, FlowStreamer
+from .frontend import Frontend, Prompt, PromptAudio
+from .hift import HiFTGenerator, VocoderStream
+from .lm import TextSpeechLM
+from .speech_tokenizer import SpeechTokenizer
+from .text_tokenizer import TextTokenizer
+
+TINY_DIR = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
+END_OF_PROMPT = "<|endofprompt|>"
+
+
+@dataclass
+class Request:
+    """One sentence's inputs: LM text and prompts, flow prompt and x-vector (official ``model_input``)."""
+
+    text: list[int] | Iterator[list[int]]   # ids, or a stream of id chunks (text-in streaming)
+    lm_prompt_text: list[int]
+    lm_prompt_speech: torch.Tensor           # (1, P') int64, may be empty
+    flow_prompt_token: torch.Tensor          # (1, P) int64, may be empty
+    flow_prompt_feat: torch.Tensor           # (1, 2P, 80)
+    embedding: torch.Tensor                  # (1, 192)
+
+
+class _Clock:
+    """Seconds spent per stage, for the current chunk and for the whole request."""
+
+    STAGES = ("frontend_s", "lm_s", "flow_s", "vocoder_s")
+
+    def __init__(self, start: float, frontend_s: float) -> None:
+        self.start = start
+        self.chunk = dict.fromkeys(self.STAGES, 0.0)
+        self.chunk["frontend_s"] = frontend_s
+        self.total = dict(self.chunk, tokens=0, audio_s=0.0, chunks=0)
+        self.first_package_s: float | None = None
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.chunk[stage] += seconds
+        self.total[stage] += seconds
+
+    def emit(self, speech: torch.Tensor, tokens: int, sample_rate: int, extra: dict) -> dict:
+        now = time.perf_counter() - self.start
+        if self.first_package_s is None:
+            self.first_package_s = now
+        audio_s = speech.shape[1] / sample_rate
+        self.total.update(tokens=self.total["tokens"] + tokens, audio_s=self.total["audio_s"] + audio_s,
+                          chunks=self.total["chunks"] + 1)
+        compute = sum(self.total[s] for s in self.STAGES)
+        totals = dict(self.total, first_package_s=self.first_package_s, elapsed_s=now,
+                      rtf=compute / self.total["audio_s"] if self.total["audio_s"] else float("nan"))
+        out = {"tts_speech": speech, "timings": dict(self.chunk, tokens=tokens, audio_s=audio_s, end_s=now),
+               "totals": totals, **extra}
+        self.chunk = dict.fromkeys(self.STAGES, 0.0)
+        return out
+
+
+def eq11_latency(totals: dict, m: int) -> dict[str, float]:
+    """Eq. 11 of the paper, L_TTS = M·d_lm + M·d_fm + M·d_voc, with the per-token costs of a finished
+    request (``totals`` of its last chunk) and M tokens in the first package."""
+    n = max(totals["tokens"], 1)
+    d = {k: totals[f"{k}_s"] / n for k in ("lm", "flow", "vocoder")}
+    return {"d_lm": d["lm"], "d_fm": d["flow"], "d_voc": d["vocoder"], "M": m, "L_TTS": m * sum(d.values())}
+
+
+class CosyVoice2:
+    """Zero-shot, cross-lingual, instructed and speaker-id synthesis, offline or streaming.
+
+    Methods keep the official names and semantics; each returns a generator of dicts with
+    ``tts_speech`` (1, samples) float32 at 24 kHz, plus ``timings`` (this chunk's stage seconds)
+    and ``totals`` (the request so far: stage seconds, tokens, audio seconds, RTF and the measured
+    first-package latency of eq. 11). Extra keyword arguments (minicosy's): ``seed`` (per-request
+    random generator), ``incremental`` (streaming flow that caches past chunks, see
+    :class:`~minicosy.flow.FlowStreamer`)."""
+
+    def __init__(self, frontend: Frontend, lm: TextSpeechLM, flow: CausalMaskedDiffWithXvec, hift: HiFTGenerator,
+                 config: MiniCosyConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 model_dir: str | Path | None = None, spk2info: dict | None = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype or torch.float32
+        self.frontend, self.config, self.model_dir = frontend, config, Path(model_dir) if model_dir else None
+        # LM and flow take the requested dtype; HiFT (STFT/iSTFT) stays float32, as officially
+        self.lm = lm.to(self.device, self.dtype).eval()
+        self.flow = flow.to(self.device, self.dtype).eval()
+        self.hift = hift.to(self.device).eval()
+        self.spk2info: dict[str, dict] = dict(spk2info or {})
+        self.sample_rate = config.features.sample_rate
+
+    # ---- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path = "tiny", device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "CosyVoice2":
+        """An official CosyVoice2-0.5B folder (``cosyvoice2.yaml``, ``llm.pt``, ``flow.pt``,
+        ``hift.pt``, ``CosyVoice-BlankEN/``, ``campplus.onnx``, ``speech_tokenizer_v2.onnx``) or a
+        minicosy checkpoint folder (``minicosy.json``); ``"tiny"`` is the one in ``data/checkpoints``.
+        ``device`` defaults to CPU; ``dtype`` (e.g. ``torch.float16``) applies to the LM and flow."""
+        from .official import read_official_folder
+
+        folder = TINY_DIR if str(path) == "tiny" else Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder {folder} does not exist")
+        if (folder / "cosyvoice2.yaml").exists():
+            parts = read_official_folder(folder)
+        elif (folder / "minicosy.json").exists():
+            parts = _read_minicosy_folder(folder)
+        else:
+            raise FileNotFoundError(f"{folder} is not a CosyVoice 2 folder: expected cosyvoice2.yaml (official "
+                                    "CosyVoice2-0.5B) or minicosy.json (a minicosy checkpoint folder)")
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but torch sees no CUDA GPU")
+        return cls(**parts, device=device or "cpu", dtype=dtype, model_dir=folder)
+
+    # ---- speakers ----------------------------------------------------------------------------
+    def list_available_spks(self) -> list[str]:
+        return sorted(self.spk2info)
+
+    def add_zero_shot_spk(self, prompt_text: str, prompt_wav: PromptAudio, zero_shot_spk_id: str) -> bool:
+        """Process a prompt once and keep it under ``zero_shot_spk_id`` for later requests (also usable
+        by :meth:`inference_sft`, which then takes only its x-vector)."""
+        if not zero_shot_spk_id:
+            raise ValueError("zero_shot_spk_id must be a non-empty string")
+        prompt = self.frontend.prompt(prompt_wav, prompt_text)
+        self.spk2info[zero_shot_spk_id] = {"prompt": prompt, "embedding": prompt.embedding}
+        return True
+
+    def save_spkinfo(self, path: str | Path | None = None) -> Path:
+        """Write the registered speakers (``spk2info.pt`` in the model folder by default)."""
+        path = Path(path) if path else (self.model_dir or Path(".")) / "spk2info.pt"
+        torch.save({k: {"embedding": v["embedding"], **({"prompt": vars(v["prompt"])} if "prompt" in v else {})}
+                    for k, v in self.spk2info.items()}, path)
+        return path
+
+    def _prompt(self, prompt_wav: PromptAudio | None, prompt_text: str | None, spk_id: str,
+                text_frontend: bool) -> Prompt:
+        if spk_id:
+            if spk_id not in self.spk2info or "prompt" not in self.spk2info[spk_id]:
+                raise ValueError(f"unknown zero-shot speaker {spk_id!r}; registered: {self.list_available_spks()}")
+            return self.spk2info[spk_id]["prompt"]
+        if prompt_wav is None or (isinstance(prompt_wav, str) and not prompt_wav):
+            raise ValueError("prompt_wav is required (or a registered zero_shot_spk_id)")
+        return self.frontend.prompt(prompt_wav, prompt_text, text_frontend)
+
+    # ---- the official inference methods --------------------------------------------------------
+    def inference_zero_shot(self, tts_text: str | Iterable[str], prompt_text: str, prompt_wav: PromptAudio | None,
+                            zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
+                            text_frontend: bool = True, **kw) -> Iterator[dict]:
+        """In-context learning (§2.3): the LM continues the prompt's text and speech tokens; the flow
+        gets the prompt tokens, mel and x-vector."""
+        if not zero_shot_spk_id and (not isinstance(prompt_text, str) or not prompt_text.strip()):
+            raise ValueError("prompt_text is required for zero-shot synthesis (the transcript of prompt_wav)")
+        start = time.perf_counter()
+        p = self._prompt(prompt_wav, prompt_text, zero_shot_spk_id, text_frontend)
+        yield from self._run(tts_text, text_frontend, lambda text: Request(
+            text, p.text_ids, p.speech_token, p.speech_token, p.speech_feat, p.embedding), stream, speed, start, **kw)
+
+    def inference_cross_lingual(self, tts_text: str | Iterable[str], prompt_wav: PromptAudio | None,
+                                zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
+                                text_frontend: bool = True, **kw) -> Iterator[dict]:
+        """The LM gets no prompt (so the prompt's language does not leak into the text); the flow keeps
+        the prompt's timbre."""
+        start = time.perf_counter()
+        p = self._prompt(prompt_wav, None, zero_shot_spk_id, text_frontend)
+        yield from self._run(tts_text, text_frontend, lambda text: Request(
+            text, [], _no_tokens(), p.speech_token, p.speech_feat, p.embedding), stream, speed, start, **kw)
+
+    def inference_instruct2(self, tts_text: str | Iterable[str], instruct_text: str, prompt_wav: PromptAudio | None,
+                            zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
+                            text_frontend: bool = True, **kw) -> Iterator[dict]:
+        """Instructed generation (§2.6): the instruction (ending in ``<|endofprompt|>``, added when
+        missing; not normalised) takes the place of the LM's prompt text, without prompt speech
+        tokens; the flow uses the prompt audio."""
+        if not isinstance(instruct_text, str) or not instruct_text.replace(END_OF_PROMPT, "").strip():
+            raise ValueError("instruct_text is empty: say how to speak, e.g. 'Please speak very fast.<|endofprompt|>'")
+        if not instruct_text.endswith(END_OF_PROMPT):
+            instruct_text += END_OF_PROMPT
+        start = time.perf_counter()
+        p = self._prompt(prompt_wav, None, zero_shot_spk_id, text_frontend)
+        ids = self.frontend.text_ids(instruct_text, normalize=False)
+        yield from self._run(tts_text, text_frontend, lambda text: Request(
+            text, ids, _no_tokens(), p.speech_token, p.speech_feat, p.embedding), stream, speed, start, **kw)
+
+    def inference_sft(self, tts_text: str | Iterable[str], spk_id: str, stream: bool = False, speed: float = 1.0,
+                      text_frontend: bool = True, **kw) -> Iterator[dict]:
+        """A known speaker by id (§2.7): LM without prompts, flow with the speaker's x-vector only."""
+        if spk_id not in self.spk2info:
+            raise ValueError(f"unknown speaker id {spk_id!r}; available: {self.list_available_spks()}")
+        start = time.perf_counter()
+        emb = self.spk2info[spk_id]["embedding"].reshape(1, -1).float()
+        n_mels = self.config.flow.n_mels
+        yield from self._run(tts_text, text_frontend, lambda text: Request(
+            text, [], _no_tokens(), _no_tokens(), torch.zeros(1, 0, n_mels), emb), stream, speed, start, **kw)
+
+    # ---- orchestration ---------------------------------------------------------------------------
+    def _run(self, tts_text: str | Iterable[str], text_frontend: bool, make, stream: bool, speed: float,
+             start: float, seed: int | None = None, incremental: bool = False) -> Iterator[dict]:
+        if speed <= 0:
+            raise ValueError(f"speed must be positive, got {speed}")
+        if stream and speed != 1.0:
+            raise ValueError("speed != 1 works with stream=False only (the official code asserts the same)")
+        if isinstance(tts_text, str):
+            texts: list = [self.frontend.text_ids(s, normalize=False) for s in self.frontend.sentences(tts_text, text_frontend)]
+        elif isinstance(tts_text, Iterable):
+            texts = [self.frontend.text_id_stream(tts_text)]
+        else:
+            raise ValueError(f"tts_text must be a str or an iterable of str, got {type(tts_text).__name__}")
+        # separate generators for LM sampling and the vocoder's source phases, so that a streaming
+        # and an offline request with the same seed sample the same speech tokens
+        generators = [torch.Generator(self.device).manual_seed(seed + k) if seed is not None else None for k in (0, 1)]
+        frontend_s = time.perf_counter() - start
+        for i, text in enumerate(texts):
+            clock = _Clock(start if i == 0 else time.perf_counter(), frontend_s if i == 0 else 0.0)
+            yield from self._tts(make(text), clock, i, stream, speed, generators, incremental)
+
+    def _tts(self, req: Request, clock: _Clock, sentence: int, stream: bool, speed: float,
+             generators: list[torch.Generator | None], incremental: bool) -> Iterator[dict]:
+        lm_gen, voc_gen = generators
+        lm_tokens = (self.lm.inference(req.text, req.lm_prompt_text, req.lm_prompt_speech[0], generator=lm_gen)
+                     if isinstance(req.text, list) else
+                     self.lm.inference_bistream(req.text, req.lm_prompt_text, req.lm_prompt_speech[0], generator=lm_gen))
+        tokens: list[int] = []
+
+        def pull(n: int) -> bool:
+            """Generate until ``n`` tokens are known; False once the LM has stopped."""
+            while len(tokens) < n:
+                t = time.perf_counter()
+                token = next(lm_tokens, None)
+                clock.add("lm_s", time.perf_counter() - t)
+                if token is None:
+                    return False
+                tokens.append(token)
+            return True
+
+        def timed(stage: str, fn, *args):
+            t = time.perf_counter()
+            out = fn(*args)
+            clock.add(stage, time.perf_counter() - t)
+            return out
+
+        prompt = (req.flow_prompt_token.to(self.device), req.flow_prompt_feat.to(self.device, self.dtype),
+                  req.embedding.to(self.device, self.dtype))
+        sc, done = self.config.streaming, 0
+        vocoder = VocoderStream(self.hift, sc.mel_cache_len if stream else 0, sc.source_cache_len, voc_gen)
+        if stream:
+            flow = FlowStreamer(self.flow, *prompt, hop=sc.token_hop_len, max_hop=sc.token_max_hop_len,
+                                scale=sc.stream_scale_factor, incremental=incremental)
+            while pull(flow.needed):
+                mel = timed("flow_s", flow.chunk, torch.tensor([tokens]))
+                speech = timed("vocoder_s", vocoder, mel.float(), False)
+                yield clock.emit(speech.cpu(), flow.offset - done, self.sample_rate, {"sentence": sentence})
+                done = flow.offset
+        else:
+            pull(1 << 30)
+        if not tokens:
+            warnings.warn("the LM stopped before any speech token: empty audio")
+            yield clock.emit(torch.zeros(1, 0), 0, self.sample_rate, {"sentence": sentence})
+            return
+        token = torch.tensor([tokens])
+        if stream:
+            mel = timed("flow_s", flow.finish, token)
+        else:
+            mel = timed("flow_s", self.flow.inference, token, *prompt)
+            if speed != 1.0:
+                mel = F.interpolate(mel, size=max(1, int(mel.shape[2] / speed)), mode="linear")
+        speech = timed("vocoder_s", vocoder, mel.float(), True)
+        yield clock.emit(speech.cpu(), len(tokens) - done, self.sample_rate, {"sentence": sentence})
+
+
+def _no_tokens() -> torch.Tensor:
+    return torch.zeros(1, 0, dtype=torch.long)
+
+
+def _read_minicosy_folder(folder: Path) -> dict:
+    """The components of a minicosy checkpoint folder, named in its ``minicosy.json``."""
+    import json
+
+    spec = json.loads((folder / "minicosy.json").read_text())
+    files = {k: folder / spec[k] for k in ("llm", "flow", "hift", "campplus", "speech_tokenizer", "text_tokenizer")
+             if k in spec}
+    missing = [f"{k} ({p.name})" for k, p in files.items() if not p.exists()]
+    absent = {"llm", "flow", "hift", "campplus", "speech_tokenizer", "text_tokenizer"} - files.keys()
+    if missing or absent:
+        raise FileNotFoundError(f"{folder}/minicosy.json: missing files {missing}, keys not given {sorted(absent)}")
+    config = get_config(spec.get("preset", "tiny"))
+    text_tokenizer = TextTokenizer.from_pretrained(files["text_tokenizer"])
+    frontend = Frontend(text_tokenizer, SpeechTokenizer.from_checkpoint(files["speech_tokenizer"]).eval(),
+                        CAMPPlus.from_checkpoint(files["campplus"]), config.features.sample_rate,
+                        config.flow.token_mel_ratio)
+    spk2info = torch.load(folder / spec["spk2info"], weights_only=True) if spec.get("spk2info") else {}
+    flow = CausalMaskedDiffWithXvec.from_checkpoint(files["flow"])
+    config.flow = flow.cfg
+    return {"frontend": frontend, "lm": TextSpeechLM.from_checkpoint(files["llm"]), "flow": flow,
+            "hift": HiFTGenerator.from_checkpoint(files["hift"]), "config": config, "spk2info": spk2info}

@@ -1,0 +1,203 @@
+"""The end-to-end CosyVoice2 API on the tiny checkpoints: official methods and modes, streaming
+(HiFT cache, incremental flow), per-request isolation, bad input, official-folder round trip."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from minicosy.audio import mel_spectrogram
+from minicosy.data import load_manifest
+from minicosy.hift import VocoderStream
+from minicosy.official import read_yaml, write_official_folder
+from minicosy.pipeline import TINY_DIR, CosyVoice2, eq11_latency
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+TEXT = "The weather is nice today, so we walk to the park."
+
+
+@pytest.fixture(scope="module")
+def tts() -> CosyVoice2:
+    return CosyVoice2.from_pretrained("tiny")
+
+
+@pytest.fixture(scope="module")
+def prompt(corpus_root) -> tuple[str, str]:
+    rec = next(r for r in load_manifest(corpus_root, "heldout") if r["lang"] == "en" and 3 < r["duration"] < 6)
+    return str(corpus_root / rec["path"]), rec["text"]
+
+
+def _audio(outputs: list[dict]) -> torch.Tensor:
+    return torch.cat([o["tts_speech"] for o in outputs], dim=1)
+
+
+def test_every_mode_yields_24khz_speech_with_timings(tts, prompt):
+    wav, text = prompt
+    assert tts.sample_rate == 24000
+    tts.add_zero_shot_spk(text, wav, "held")
+    runs = {
+        "zero_shot": tts.inference_zero_shot(TEXT, text, wav, seed=0),
+        "cross_lingual": tts.inference_cross_lingual(TEXT, wav, seed=0),
+        "instruct2": tts.inference_instruct2(TEXT, "Please speak very fast.", wav, seed=0),
+        "sft": tts.inference_sft(TEXT, "held", seed=0),
+        "registered": tts.inference_zero_shot(TEXT, "", None, zero_shot_spk_id="held", seed=0),
+        "text_in_stream": tts.inference_zero_shot(iter(["The weather is nice ", "today."]), text, wav, seed=0, stream=True),
+    }
+    for mode, gen in runs.items():
+        outs = list(gen)
+        speech = _audio(outs)
+        assert speech.dtype == torch.float32 and speech.dim() == 2 and speech.shape[0] == 1, mode
+        assert speech.shape[1] > 0 and speech.abs().max() <= 1.0, mode
+        totals = outs[-1]["totals"]
+        assert set(outs[0]["timings"]) >= {"frontend_s", "lm_s", "flow_s", "vocoder_s", "tokens", "audio_s"}
+        assert totals["audio_s"] == pytest.approx(speech.shape[1] / 24000)
+        assert totals["tokens"] * 2 * 480 == speech.shape[1], mode        # 25 Hz tokens -> 24 kHz samples
+        assert 0 < totals["first_package_s"] <= totals["elapsed_s"] and totals["rtf"] > 0
+    assert "held" in tts.list_available_spks()
+    # the registered prompt gives the same request as passing the prompt again
+    again = _audio(list(tts.inference_zero_shot(TEXT, text, wav, seed=0)))
+    assert torch.equal(again, _audio(list(tts.inference_zero_shot(TEXT, "", None, zero_shot_spk_id="held", seed=0))))
+    eq11 = eq11_latency(totals, 25)
+    assert eq11["L_TTS"] == pytest.approx(25 * (eq11["d_lm"] + eq11["d_fm"] + eq11["d_voc"]))
+
+
+def test_long_text_is_split_and_speed_stretches_the_mel(tts, prompt):
+    wav, text = prompt
+    outs = list(tts.inference_cross_lingual("It is 5 o'clock. " * 25 + "We go home.", wav, seed=0))
+    assert len({o["sentence"] for o in outs}) >= 2
+    normal = _audio(list(tts.inference_cross_lingual(TEXT, wav, seed=1)))
+    fast = _audio(list(tts.inference_cross_lingual(TEXT, wav, seed=1, speed=2.0)))
+    assert fast.shape[1] == normal.shape[1] // 2 // 480 * 480
+
+
+def test_streaming_is_close_to_offline_and_chunks_follow_the_hop_schedule(tts, prompt):
+    wav, text = prompt
+    offline = _audio(list(tts.inference_zero_shot(TEXT * 3, text, wav, seed=3)))
+    chunks = list(tts.inference_zero_shot(TEXT * 3, text, wav, seed=3, stream=True))
+    stream = _audio(chunks)
+    assert len(chunks) >= 2 and stream.shape == offline.shape      # same LM tokens, same length
+    tokens = [c["timings"]["tokens"] for c in chunks]
+    assert tokens[1:-1] == [50, 100, 100, 100, 100][:len(tokens) - 2]
+    mel_off, mel_str = mel_spectrogram(offline[0]), mel_spectrogram(stream[0])
+    diff = float((mel_off - mel_str).abs().mean())
+    other = _audio(list(tts.inference_cross_lingual("Completely different words here.", wav, seed=3)))
+    n = min(other.shape[1], offline.shape[1])
+    baseline = float((mel_spectrogram(offline[0, :n]) - mel_spectrogram(other[0, :n])).abs().mean())
+    print(f"streaming vs offline: mean |log-mel diff| {diff:.3f} (another sentence: {baseline:.3f})")
+    assert 0 < diff < baseline
+
+
+def test_incremental_streaming_gives_the_recompute_audio_on_chunk_masked_chunks(tts, prompt):
+    wav, text = prompt
+    recompute = list(tts.inference_zero_shot(TEXT * 2, text, wav, seed=4, stream=True))
+    incremental = list(tts.inference_zero_shot(TEXT * 2, text, wav, seed=4, stream=True, incremental=True))
+    assert [c["tts_speech"].shape for c in recompute] == [c["tts_speech"].shape for c in incremental]
+    for a, b in zip(recompute[:-2], incremental[:-2]):   # the last two depend on the final flow call
+        assert float((a["tts_speech"] - b["tts_speech"]).abs().max()) < 1e-3
+
+
+def test_interleaved_requests_do_not_interfere(tts, prompt):
+    wav, text = prompt
+    texts = [TEXT, "Please close the door.", "Four apples and a pear.", TEXT + " Again."]
+    requests = [tts.inference_zero_shot(t, text, wav, seed=10 + i, stream=True) for i, t in enumerate(texts)]
+    interleaved = [[] for _ in texts]
+    live = set(range(len(texts)))
+    while live:
+        for i in sorted(live):
+            try:
+                interleaved[i].append(next(requests[i])["tts_speech"])
+            except StopIteration:
+                live.discard(i)
+    for i, t in enumerate(texts):
+        sequential = _audio(list(tts.inference_zero_shot(t, text, wav, seed=10 + i, stream=True)))
+        assert torch.equal(torch.cat(interleaved[i], dim=1), sequential), f"request {i}"
+
+
+def test_vocoder_stream_cross_fades_and_emits_every_sample(tts):
+    mel = torch.randn(1, 80, 120) * 0.5 - 5
+    stream = VocoderStream(tts.hift, generator=torch.Generator().manual_seed(0))
+    parts = [stream(mel[:, :, :50], False), stream(mel[:, :, 50:100], False), stream(mel[:, :, 100:], True)]
+    assert [p.shape[1] for p in parts] == [50 * 480 - 3840, 50 * 480, 20 * 480 + 3840]
+    assert stream.cache is None
+    w = torch.hamming_window(7680, periodic=False, dtype=torch.float64).numpy()
+    assert np.allclose(stream.window.numpy(), np.hamming(7680)) and np.allclose(w, np.hamming(7680))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda t, w, x: t.inference_zero_shot("", x, w), "empty"),
+    (lambda t, w, x: t.inference_zero_shot("...", x, w), "nothing to say"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, "", w), "prompt_text"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, None), "prompt_wav"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, "no/such/file.wav"), "does not exist"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, (np.zeros(48000, np.float32), 24000)), "silent"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, (np.random.rand(12000).astype(np.float32), 24000)), "too short"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, (np.random.rand(16000 * 31).astype(np.float32), 16000)), "too long"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, w, stream=True, speed=1.5), "speed"),
+    (lambda t, w, x: t.inference_instruct2(TEXT, "<|endofprompt|>", w), "instruct_text"),
+    (lambda t, w, x: t.inference_sft(TEXT, "nobody"), "unknown speaker"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, None, zero_shot_spk_id="nobody"), "unknown zero-shot"),
+    (lambda t, w, x: t.inference_zero_shot(42, x, w), "str"),
+])
+def test_bad_input_gets_a_clear_error(tts, prompt, call, match):
+    wav, text = prompt
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        next(call(tts, wav, text))
+
+
+def test_unreadable_and_multichannel_prompts(tts, prompt, tmp_path):
+    wav, text = prompt
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really a wav")
+    with pytest.raises(ValueError, match="cannot read"):
+        next(tts.inference_cross_lingual(TEXT, str(bad)))
+    audio, sr = sf.read(wav, dtype="float32")
+    stereo = tmp_path / "stereo.wav"
+    sf.write(stereo, np.stack([audio, audio], axis=1), sr)
+    mono = _audio(list(tts.inference_cross_lingual(TEXT, wav, seed=0)))
+    assert torch.allclose(_audio(list(tts.inference_cross_lingual(TEXT, str(stereo), seed=0))), mono, atol=1e-4)
+
+
+def test_folder_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CosyVoice2.from_pretrained(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="cosyvoice2.yaml"):
+        CosyVoice2.from_pretrained(tmp_path)
+    (tmp_path / "cosyvoice2.yaml").write_text("sample_rate: 24000\n")
+    with pytest.raises(FileNotFoundError, match="llm.pt"):
+        CosyVoice2.from_pretrained(tmp_path)
+    spec = json.loads((TINY_DIR / "minicosy.json").read_text())
+    (tmp_path / "minicosy.json").write_text(json.dumps(dict(spec, flow="flow_missing.pt")))
+    (tmp_path / "cosyvoice2.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match="flow_missing.pt"):
+        CosyVoice2.from_pretrained(tmp_path)
+
+
+def test_official_folder_round_trip(tts, prompt, tmp_path):
+    folder = write_official_folder(tts, tmp_path / "CosyVoice2-tiny", TINY_DIR / "text_tokenizer")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(["CosyVoice-BlankEN", "campplus.onnx", "cosyvoice2.yaml", "flow.pt", "hift.pt", "llm.pt",
+                            "speech_tokenizer_v2.onnx"])
+    doc = read_yaml(folder / "cosyvoice2.yaml")          # read as data: the tags are never instantiated
+    assert doc["flow"]["_tag"] == "new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec"
+    assert doc["flow"]["decoder"]["estimator"]["static_chunk_size"] == 50
+    back = CosyVoice2.from_pretrained(folder)
+    for name in ("lm", "flow", "hift"):
+        ours, theirs = getattr(tts, name).state_dict(), getattr(back, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert back.flow.cfg == tts.flow.cfg and back.hift.cfg == tts.hift.cfg
+    wav, text = prompt
+    p_torch, p_onnx = tts.frontend.prompt(wav, text), back.frontend.prompt(wav, text)
+    assert (p_torch.speech_token == p_onnx.speech_token).float().mean() > 0.95
+    assert torch.allclose(p_torch.embedding, p_onnx.embedding, atol=1e-4)
+    assert p_torch.text_ids == p_onnx.text_ids
+    # a broken weight file names the key
+    state = torch.load(folder / "flow.pt", weights_only=True)
+    state["encoder_proj.weight"] = state["encoder_proj.weight"][:, :3]
+    torch.save(state, folder / "flow.pt")
+    with pytest.raises(ValueError, match="encoder_proj.weight"):
+        CosyVoice2.from_pretrained(folder)
+    shutil.rmtree(folder / "CosyVoice-BlankEN")
+    with pytest.raises(FileNotFoundError, match="CosyVoice-BlankEN"):
+        CosyVoice2.from_pretrained(folder)
