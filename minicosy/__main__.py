@@ -1,35 +1,123 @@
 """minicosy's command line.
 
-* ``python -m minicosy demo`` -- the README's main job. For now: build the corpus when it is
-  missing, print its statistics and write a figure of them; later components turn it into speech
-  synthesis.
+* ``python -m minicosy demo`` -- the README's main job: the tiny model speaks a held-out sentence in
+  a held-out corpus voice (streaming), writes ``out/demo.wav`` and prints the latency breakdown.
+* ``python -m minicosy tts --text ... [--prompt-wav W --prompt-text T | --instruct I | --spk-id S]``
+  -- synthesise with any model folder (``--model tiny`` or an official CosyVoice2-0.5B folder).
+* ``python -m minicosy eval`` -- WER and speaker similarity on held-out sentences and voices.
 * ``python -m minicosy pipeline`` -- draw the pipeline diagram of a preset (``docs/pipeline.png``).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .config import CorpusConfig, get_config
-from .data import build_corpus, corpus_stats, load_manifest, print_stats
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def _save(fig, path: str | Path, dpi: int) -> None:
-    fig.savefig(path, dpi=dpi)
-    print(f"\nfigure: {os.path.relpath(path)}")
+def _write(path: str | Path, outputs: list[dict], sample_rate: int) -> np.ndarray:
+    import soundfile as sf
+    import torch
+
+    wav = torch.cat([o["tts_speech"] for o in outputs], dim=1)[0].numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), wav, sample_rate)
+    print(f"wrote {os.path.relpath(path)}: {len(wav) / sample_rate:.2f} s at {sample_rate} Hz")
+    return wav
 
 
-def demo(root: str) -> None:
-    """Build the corpus if needed, print and plot its statistics."""
-    from .viz import plot_corpus_stats
+def print_latency(outputs: list[dict], m: int = 25) -> None:
+    """Per-chunk stage times, the request's totals and eq. 11 filled in with measured numbers."""
+    from .pipeline import eq11_latency
+
+    print(f"\n{'chunk':>5} {'tokens':>6} {'audio s':>8} {'LM s':>7} {'flow s':>7} {'voc s':>7} {'ready at s':>10}")
+    for i, o in enumerate(outputs):
+        t = o["timings"]
+        print(f"{i:5d} {t['tokens']:6d} {t['audio_s']:8.2f} {t['lm_s']:7.3f} {t['flow_s']:7.3f} {t['vocoder_s']:7.3f} "
+              f"{t['end_s']:10.3f}")
+    tot = outputs[-1]["totals"]
+    print(f"front-end {tot['frontend_s']:.3f} s | LM {tot['lm_s']:.3f} s | flow {tot['flow_s']:.3f} s | "
+          f"vocoder {tot['vocoder_s']:.3f} s | {tot['tokens']} tokens, {tot['audio_s']:.2f} s audio | "
+          f"RTF {tot['rtf']:.3f} | first package after {tot['first_package_s']:.3f} s")
+    e = eq11_latency(tot, m)
+    print(f"eq. 11: L_TTS = M·d_lm + M·d_fm + M·d_voc = {m}·{e['d_lm']:.4f} + {m}·{e['d_fm']:.4f} + "
+          f"{m}·{e['d_voc']:.4f} = {e['L_TTS']:.3f} s")
+
+
+def demo(root: str, out: str, seed: int) -> None:
+    """Build the corpus if needed; zero-shot streaming synthesis of a held-out sentence in a held-out
+    voice with the tiny model; the wav, the latency breakdown and pocketsphinx's transcript."""
+    import torch
+
+    from .data import build_corpus, load_manifest
+    from .eval import SphinxASR, error_rate, synthesis_trials
+    from .pipeline import CosyVoice2
 
     if not (Path(root) / "manifest.jsonl").exists():
         print(f"no corpus under {root}: building it (about 2 minutes on 2 cores)")
         build_corpus(CorpusConfig(root=root))
-    records = load_manifest(root)
-    print_stats(corpus_stats(records))
-    _save(plot_corpus_stats(records), Path(root) / "stats.png", dpi=100)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    trial = synthesis_trials(root, n=1)[0]
+    target, prompt = trial["target"], trial["prompt"]
+    print(f"prompt: {prompt['speaker']} (held-out voice) saying {prompt['text']!r}")
+    print(f"text:   {target['text']!r} (a held-out sentence)")
+    tts = CosyVoice2.from_pretrained("tiny")
+    outputs = list(tts.inference_zero_shot(target["text"], prompt["text"], str(Path(root) / prompt["path"]),
+                                           stream=True, seed=seed))
+    wav = _write(out, outputs, tts.sample_rate)
+    print_latency(outputs, tts.config.streaming.token_hop_len)
+    from .audio import load_wav
+
+    asr = SphinxASR()
+    heard = asr.transcribe(wav, tts.sample_rate)
+    own = asr.transcribe(*load_wav(Path(root) / target["path"]))
+    print(f"\npocketsphinx hears: {heard!r} (WER {error_rate([target['text']], [heard], 'en'):.2f}); "
+          f"on the corpus recording of the same sentence: {own!r} (WER {error_rate([target['text']], [own], 'en'):.2f})")
+
+
+def tts_command(args: argparse.Namespace) -> None:
+    import torch
+
+    from .pipeline import CosyVoice2
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    tts = CosyVoice2.from_pretrained(args.model, device=args.device, dtype=dtype)
+    common = {"stream": args.stream, "speed": args.speed, "seed": args.seed, "incremental": args.incremental}
+    if args.spk_id:
+        gen = tts.inference_sft(args.text, args.spk_id, **common)
+    elif args.prompt_wav is None:
+        raise SystemExit("--prompt-wav is required unless --spk-id names a known speaker")
+    elif args.instruct:
+        gen = tts.inference_instruct2(args.text, args.instruct, args.prompt_wav, **common)
+    elif args.prompt_text:
+        gen = tts.inference_zero_shot(args.text, args.prompt_text, args.prompt_wav, **common)
+    else:
+        gen = tts.inference_cross_lingual(args.text, args.prompt_wav, **common)
+    outputs = list(gen)
+    _write(args.out, outputs, tts.sample_rate)
+    print_latency(outputs, tts.config.streaming.token_hop_len)
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    import torch
+
+    from .eval import evaluate_tts, format_table
+    from .pipeline import CosyVoice2
+
+    torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
+    tts = CosyVoice2.from_pretrained(args.model)
+    table = evaluate_tts(tts, args.corpus, n=args.n, seed=args.seed, incremental=args.incremental)
+    print(format_table(table))
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,18 +126,49 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     parser = argparse.ArgumentParser(prog="python -m minicosy", description="minicosy: CosyVoice 2, small and readable")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="the main job: corpus (built if missing) and its statistics")
+    d = sub.add_parser("demo", help="the main job: the tiny model speaks in a held-out voice, with latencies")
     d.add_argument("--root", default=CorpusConfig.root)
+    d.add_argument("--out", default="out/demo.wav")
+    d.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("tts", help="synthesise text to a wav file")
+    t.add_argument("--text", required=True)
+    t.add_argument("--prompt-wav")
+    t.add_argument("--prompt-text", help="transcript of --prompt-wav (zero-shot); without it: cross-lingual")
+    t.add_argument("--instruct", help="an instruction, e.g. 'Please speak very fast.' (instruct2 mode)")
+    t.add_argument("--spk-id", help="a speaker id known to the model (SFT mode)")
+    t.add_argument("--stream", action="store_true")
+    t.add_argument("--incremental", action="store_true", help="streaming flow that caches past chunks")
+    t.add_argument("--speed", type=float, default=1.0)
+    t.add_argument("--model", default="tiny", help="'tiny' or a model folder (official CosyVoice2-0.5B or minicosy)")
+    t.add_argument("--device", default=None, help="cpu (default), cuda or mps")
+    t.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="LM and flow precision")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--out", default="out/tts.wav")
+    e = sub.add_parser("eval", help="WER and speaker similarity on held-out sentences and voices")
+    e.add_argument("--model", default="tiny")
+    e.add_argument("--corpus", default=CorpusConfig.root)
+    e.add_argument("--n", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--incremental", action="store_true")
+    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--json", help="also write the table as JSON")
     p = sub.add_parser("pipeline", help="draw the pipeline diagram of a config preset to a PNG")
     p.add_argument("--preset", default="cosyvoice2_0p5b")
     p.add_argument("--out", default="docs/pipeline.png")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
-        demo(args.root)
+        demo(args.root, args.out, args.seed)
+    elif args.cmd == "tts":
+        tts_command(args)
+    elif args.cmd == "eval":
+        eval_command(args)
     else:
         from .viz import plot_pipeline
 
-        _save(plot_pipeline(get_config(args.preset)), args.out, dpi=72)
+        fig = plot_pipeline(get_config(args.preset))
+        fig.savefig(args.out, dpi=72)
+        print(f"\nfigure: {os.path.relpath(args.out)}")
 
 
 if __name__ == "__main__":
