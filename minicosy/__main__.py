@@ -114,7 +114,8 @@ def eval_command(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     tts = CosyVoice2.from_pretrained(args.model)
-    table = evaluate_tts(tts, args.corpus, n=args.n, seed=args.seed, incremental=args.incremental)
+    table = evaluate_tts(tts, args.corpus, n=args.n, modes=tuple(m.strip() for m in args.modes.split(",")),
+                         seed=args.seed, incremental=args.incremental)
     print(format_table(table))
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--corpus", default=CorpusConfig.root)
     e.add_argument("--n", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--modes", default="offline,FM stream,LM stream,LM+FM stream",
+                   help="comma-separated: offline, FM stream, LM stream, LM+FM stream (Table 8's grid)")
     e.add_argument("--incremental", action="store_true")
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--json", help="also write the table as JSON")

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from .audio import resample
-from .textnorm import CHAR_LANGS, normalize_for_wer
+from .textnorm import CHAR_LANGS, normalize_for_wer, normalize_text
 
 
 def error_rate(references: list[str], hypotheses: list[str], lang: str) -> float:
@@ -136,11 +137,24 @@ def synthesis_trials(corpus_root: str | Path = "data/corpus", n: int = 8, lang: 
     return trials
 
 
-def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes: tuple[str, ...] = ("offline", "stream"),
+# Table 8's grid: (LM streaming = text fed in 5-token chunks, bistream; flow/vocoder streaming)
+EVAL_MODES = {"offline": (False, False), "FM stream": (False, True), "LM stream": (True, False),
+              "LM+FM stream": (True, True)}
+
+
+def _word_stream(text: str) -> Iterator[str]:
+    """Normalised text handed over word by word, as an upstream text LLM would (text-in streaming)."""
+    words = normalize_text(text).split(" ")
+    for i, w in enumerate(words):
+        yield w + (" " if i < len(words) - 1 else "")
+
+
+def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes: tuple[str, ...] = ("offline", "FM stream"),
                  seed: int = 0, incremental: bool = False, progress: bool = True) -> dict[str, dict[str, float]]:
     """WER (pocketsphinx) and speaker similarity to the prompt (resemblyzer and the pipeline's own
-    CAM++) of zero-shot synthesis on :func:`synthesis_trials`, per mode, next to the same numbers for
-    the corpus recordings themselves ("corpus audio"). Also the mean RTF and first-package latency."""
+    CAM++) of zero-shot synthesis on :func:`synthesis_trials`, per mode of :data:`EVAL_MODES`, next
+    to the same numbers for the corpus recordings themselves ("corpus audio"). Also the mean RTF
+    and first-package latency."""
     from tqdm.auto import tqdm
 
     from .audio import load_wav
@@ -153,6 +167,9 @@ def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes
         ea, eb = campp.embed(a, sr_a).reshape(-1).numpy(), campp.embed(b, sr_b).reshape(-1).numpy()
         return float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb)))
 
+    unknown = set(modes) - EVAL_MODES.keys()
+    if unknown:
+        raise ValueError(f"unknown evaluation modes {sorted(unknown)}; choose from {list(EVAL_MODES)}")
     trials = synthesis_trials(root, n)
     rows: dict[str, dict[str, list]] = {m: {"ref": [], "hyp": [], "sim": [], "sim_campp": [], "rtf": [], "fpl": []}
                                         for m in ("corpus audio", *modes)}
@@ -161,7 +178,9 @@ def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes
         prompt_wav, psr = load_wav(root / prompt["path"])
         outputs = {"corpus audio": (load_wav(root / target["path"]), None)}
         for mode in modes:
-            chunks = list(tts.inference_zero_shot(target["text"], prompt["text"], (prompt_wav, psr), stream=mode == "stream",
+            lm_stream, fm_stream = EVAL_MODES[mode]
+            text = _word_stream(target["text"]) if lm_stream else target["text"]
+            chunks = list(tts.inference_zero_shot(text, prompt["text"], (prompt_wav, psr), stream=fm_stream,
                                                   seed=seed, incremental=incremental))
             wav = torch.cat([c["tts_speech"] for c in chunks], dim=1)[0].numpy()
             outputs[mode] = ((wav, tts.sample_rate), chunks[-1]["totals"])
@@ -186,8 +205,8 @@ def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes
 def format_table(table: dict[str, dict[str, float]]) -> str:
     """A plain-text table of :func:`evaluate_tts`'s result (rows = modes)."""
     cols = ["WER", "SIM (resemblyzer)", "SIM (CAM++)", "RTF", "first package (s)", "n"]
-    lines = [f"{'':14s}" + "".join(f"{c:>20s}" for c in cols)]
+    lines = [f"{'':14s}" + "".join(f"{c:>19s}" for c in cols)]
     for mode, row in table.items():
-        cells = [f"{row[c]:>20.3f}" if isinstance(row.get(c), float) else f"{row.get(c, '-')!s:>20s}" for c in cols]
+        cells = [f"{row[c]:>19.3f}" if isinstance(row.get(c), float) else f"{row.get(c, '-')!s:>19s}" for c in cols]
         lines.append(f"{mode:14s}" + "".join(cells))
     return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""End-to-end evaluation and the command line (tts, demo) on the tiny model."""
+import soundfile as sf
+import pytest
+
+from minicosy.__main__ import main
+from minicosy.eval import EVAL_MODES, _word_stream, evaluate_tts, format_table, synthesis_trials
+from minicosy.pipeline import CosyVoice2
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_synthesis_trials_pair_held_out_sentences_with_another_prompt_of_the_same_voice(corpus_root):
+    trials = synthesis_trials(corpus_root, n=6)
+    assert len({t["target"]["speaker"] for t in trials}) == 2          # the two held-out English voices
+    for t in trials:
+        assert t["target"]["split"] == "heldout" == t["prompt"]["split"]
+        assert t["target"]["speaker"] == t["prompt"]["speaker"] and t["target"]["id"] != t["prompt"]["id"]
+    assert "".join(_word_stream("It costs 5 dollars.")) == "It costs five dollars."
+
+
+def test_evaluate_tts_reports_the_corpus_reference_and_each_mode(corpus_root):
+    tts = CosyVoice2.from_pretrained("tiny")
+    table = evaluate_tts(tts, corpus_root, n=1, modes=("offline", "LM+FM stream"), progress=False)
+    assert list(table) == ["corpus audio", "offline", "LM+FM stream"]
+    assert table["corpus audio"]["WER"] < 0.8 and table["corpus audio"]["SIM (resemblyzer)"] > 0.8
+    assert all(0 < table[m]["RTF"] and 0 <= table[m]["WER"] for m in ("offline", "LM+FM stream"))
+    assert "first package (s)" in format_table(table)
+    with pytest.raises(ValueError, match="unknown evaluation modes"):
+        evaluate_tts(tts, corpus_root, n=1, modes=("karaoke",))
+    assert set(EVAL_MODES) == {"offline", "FM stream", "LM stream", "LM+FM stream"}
+
+
+def test_tts_command_writes_a_wav_and_prints_latencies(corpus_root, tmp_path, capsys):
+    prompt = synthesis_trials(corpus_root, n=1)[0]["prompt"]
+    out = tmp_path / "x.wav"
+    main(["tts", "--text", "We walk to the park.", "--prompt-wav", str(corpus_root / prompt["path"]),
+          "--prompt-text", prompt["text"], "--stream", "--out", str(out), "--threads", "1"])
+    wav, sr = sf.read(out)
+    printed = capsys.readouterr().out
+    assert sr == 24000 and len(wav) > 0 and len(wav) % 960 == 0
+    assert "first package after" in printed and "eq. 11" in printed
+    with pytest.raises(SystemExit, match="prompt-wav"):
+        main(["tts", "--text", "Hi.", "--out", str(out)])
+
+
+def test_demo_speaks_a_held_out_sentence(corpus_root, tmp_path, capsys):
+    main(["demo", "--root", str(corpus_root), "--out", str(tmp_path / "demo.wav")])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "demo.wav").exists()
+    assert "held-out voice" in printed and "pocketsphinx hears" in printed and "RTF" in printed
