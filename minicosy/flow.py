@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ from .config import FlowConfig, get_config
 from .data import load_manifest
 from .flow_encoder import UpsampleConformerEncoder
 from .flow_estimator import CausalConditionalDecoder
-from .masks import CHUNK_M, MASK_NAMES, NON_CAUSAL, make_pad_mask, sample_training_mask
+from .masks import CHUNK_M, MASK_NAMES, NON_CAUSAL, chunk_size_of, make_pad_mask, sample_training_mask
 from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, recipe_parser, save_checkpoint,
                     seed_everything, train_loop)
 
@@ -284,6 +284,38 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return model.eval()
 
 
+@dataclass
+class PromptState:
+    """The estimator caches of a prompt's leading chunks, which no generated token can reach (the
+    encoder's chunk mask and its 3-token look-ahead end inside the prompt), for each ODE step; made
+    once per prompt by :func:`prompt_state` and shared read-only by every request using it."""
+
+    frames: int
+    caches: list[dict]
+    mask_kind: int
+    n_timesteps: int
+
+
+@torch.inference_mode()
+def prompt_state(flow: CausalMaskedDiffWithXvec, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+                 embedding: torch.Tensor, mask_kind: int = CHUNK_M, n_timesteps: int | None = None) -> PromptState:
+    """Run the incremental estimator over the prompt's first k tokens, k the largest multiple of the
+    mask's chunk with k + P <= prompt length (official fixed noise, default temperature and CFG)."""
+    n_timesteps = n_timesteps or flow.cfg.n_timesteps
+    chunk = chunk_size_of(mask_kind, flow.cfg.static_chunk_tokens)
+    if chunk == 0:
+        raise ValueError("a prompt state needs a causal mask kind (chunk or full-causal)")
+    k = max(0, (prompt_token.shape[1] - flow.cfg.pre_lookahead_len) // chunk * chunk)
+    caches: list[dict] = [{} for _ in range(n_timesteps)]
+    frames = flow.cfg.token_mel_ratio * k
+    if frames:
+        none = prompt_token[:, :0]
+        mu, mask, spks, cond, _ = flow.conditions(none, prompt_token, prompt_feat, embedding, True, mask_kind)
+        flow.decoder.sample_path(mu[:, :, :frames], mask[:, :, :frames], spks, cond[:, :, :frames], mask_kind,
+                                 n_timesteps, caches=caches)
+    return PromptState(frames, caches, mask_kind, n_timesteps)
+
+
 class FlowStreamer:
     """Streaming token-to-mel for one request (NOTES.md §3), fed with the tokens known so far.
 
@@ -304,7 +336,7 @@ class FlowStreamer:
     def __init__(self, flow: CausalMaskedDiffWithXvec, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                  embedding: torch.Tensor, hop: int = 25, max_hop: int = 100, scale: int = 2,
                  incremental: bool = False, mask_kind: int = CHUNK_M, n_timesteps: int | None = None,
-                 **solver) -> None:
+                 state: PromptState | None = None, **solver) -> None:
         if hop <= 0 or max_hop < hop or scale < 1:
             raise ValueError(f"need 0 < hop <= max_hop and scale >= 1, got hop={hop}, max_hop={max_hop}, scale={scale}")
         if incremental and mask_kind == NON_CAUSAL:
@@ -316,6 +348,12 @@ class FlowStreamer:
         self.offset = 0          # generated tokens already turned into mel
         self.frames = 0          # frames (prompt included) already through the incremental estimator
         self.caches = [{} for _ in range(n_timesteps or flow.cfg.n_timesteps)]
+        if state is not None:    # start after the prompt's cached chunks (copies: the state stays shared)
+            if not incremental or solver or state.mask_kind != mask_kind \
+                    or state.n_timesteps != (n_timesteps or flow.cfg.n_timesteps):
+                raise ValueError("a prompt state needs incremental=True with its mask kind and step count, "
+                                 "the fixed noise and default solver options")
+            self.frames, self.caches = state.frames, [dict(c) for c in state.caches]
 
     @property
     def this_hop(self) -> int:

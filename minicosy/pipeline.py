@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .campplus import CAMPPlus
 from .config import MiniCosyConfig, get_config
-from .flow import CausalMaskedDiffWithXvec, FlowStreamer
+from .flow import CausalMaskedDiffWithXvec, FlowStreamer, PromptState, prompt_state
 from .frontend import Frontend, Prompt, PromptAudio
 from .hift import HiFTGenerator, VocoderStream
 from .lm import TextSpeechLM
@@ -45,6 +45,7 @@ class Request:
     flow_prompt_token: torch.Tensor          # (1, P) int64, may be empty
     flow_prompt_feat: torch.Tensor           # (1, 2P, 80)
     embedding: torch.Tensor                  # (1, 192)
+    flow_state: PromptState | None = None    # a registered prompt's precomputed flow chunks
 
 
 class _Clock:
@@ -140,11 +141,14 @@ class CosyVoice2:
 
     def add_zero_shot_spk(self, prompt_text: str, prompt_wav: PromptAudio, zero_shot_spk_id: str) -> bool:
         """Process a prompt once and keep it under ``zero_shot_spk_id`` for later requests (also usable
-        by :meth:`inference_sft`, which then takes only its x-vector)."""
+        by :meth:`inference_sft`, which then takes only its x-vector). Its leading flow chunks are
+        computed too, so that incremental streaming requests start after them."""
         if not zero_shot_spk_id:
             raise ValueError("zero_shot_spk_id must be a non-empty string")
         prompt = self.frontend.prompt(prompt_wav, prompt_text)
-        self.spk2info[zero_shot_spk_id] = {"prompt": prompt, "embedding": prompt.embedding}
+        state = prompt_state(self.flow, prompt.speech_token.to(self.device), prompt.speech_feat.to(self.device, self.dtype),
+                             prompt.embedding.to(self.device, self.dtype))
+        self.spk2info[zero_shot_spk_id] = {"prompt": prompt, "embedding": prompt.embedding, "flow_state": state}
         return True
 
     def save_spkinfo(self, path: str | Path | None = None) -> Path:
@@ -155,14 +159,14 @@ class CosyVoice2:
         return path
 
     def _prompt(self, prompt_wav: PromptAudio | None, prompt_text: str | None, spk_id: str,
-                text_frontend: bool) -> Prompt:
+                text_frontend: bool) -> tuple[Prompt, PromptState | None]:
         if spk_id:
             if spk_id not in self.spk2info or "prompt" not in self.spk2info[spk_id]:
                 raise ValueError(f"unknown zero-shot speaker {spk_id!r}; registered: {self.list_available_spks()}")
-            return self.spk2info[spk_id]["prompt"]
+            return self.spk2info[spk_id]["prompt"], self.spk2info[spk_id].get("flow_state")
         if prompt_wav is None or (isinstance(prompt_wav, str) and not prompt_wav):
             raise ValueError("prompt_wav is required (or a registered zero_shot_spk_id)")
-        return self.frontend.prompt(prompt_wav, prompt_text, text_frontend)
+        return self.frontend.prompt(prompt_wav, prompt_text, text_frontend), None
 
     # ---- the official inference methods --------------------------------------------------------
     def inference_zero_shot(self, tts_text: str | Iterable[str], prompt_text: str, prompt_wav: PromptAudio | None,
@@ -173,9 +177,9 @@ class CosyVoice2:
         if not zero_shot_spk_id and (not isinstance(prompt_text, str) or not prompt_text.strip()):
             raise ValueError("prompt_text is required for zero-shot synthesis (the transcript of prompt_wav)")
         start = time.perf_counter()
-        p = self._prompt(prompt_wav, prompt_text, zero_shot_spk_id, text_frontend)
+        p, state = self._prompt(prompt_wav, prompt_text, zero_shot_spk_id, text_frontend)
         yield from self._run(tts_text, text_frontend, lambda text: Request(
-            text, p.text_ids, p.speech_token, p.speech_token, p.speech_feat, p.embedding), stream, speed, start, **kw)
+            text, p.text_ids, p.speech_token, p.speech_token, p.speech_feat, p.embedding, state), stream, speed, start, **kw)
 
     def inference_cross_lingual(self, tts_text: str | Iterable[str], prompt_wav: PromptAudio | None,
                                 zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
@@ -183,9 +187,9 @@ class CosyVoice2:
         """The LM gets no prompt (so the prompt's language does not leak into the text); the flow keeps
         the prompt's timbre."""
         start = time.perf_counter()
-        p = self._prompt(prompt_wav, None, zero_shot_spk_id, text_frontend)
+        p, state = self._prompt(prompt_wav, None, zero_shot_spk_id, text_frontend)
         yield from self._run(tts_text, text_frontend, lambda text: Request(
-            text, [], _no_tokens(), p.speech_token, p.speech_feat, p.embedding), stream, speed, start, **kw)
+            text, [], _no_tokens(), p.speech_token, p.speech_feat, p.embedding, state), stream, speed, start, **kw)
 
     def inference_instruct2(self, tts_text: str | Iterable[str], instruct_text: str, prompt_wav: PromptAudio | None,
                             zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
@@ -198,10 +202,10 @@ class CosyVoice2:
         if not instruct_text.endswith(END_OF_PROMPT):
             instruct_text += END_OF_PROMPT
         start = time.perf_counter()
-        p = self._prompt(prompt_wav, None, zero_shot_spk_id, text_frontend)
+        p, state = self._prompt(prompt_wav, None, zero_shot_spk_id, text_frontend)
         ids = self.frontend.text_ids(instruct_text, normalize=False)
         yield from self._run(tts_text, text_frontend, lambda text: Request(
-            text, ids, _no_tokens(), p.speech_token, p.speech_feat, p.embedding), stream, speed, start, **kw)
+            text, ids, _no_tokens(), p.speech_token, p.speech_feat, p.embedding, state), stream, speed, start, **kw)
 
     def inference_sft(self, tts_text: str | Iterable[str], spk_id: str, stream: bool = False, speed: float = 1.0,
                       text_frontend: bool = True, **kw) -> Iterator[dict]:
@@ -266,7 +270,8 @@ class CosyVoice2:
         vocoder = VocoderStream(self.hift, sc.mel_cache_len if stream else 0, sc.source_cache_len, voc_gen)
         if stream:
             flow = FlowStreamer(self.flow, *prompt, hop=sc.token_hop_len, max_hop=sc.token_max_hop_len,
-                                scale=sc.stream_scale_factor, incremental=incremental)
+                                scale=sc.stream_scale_factor, incremental=incremental,
+                                state=req.flow_state if incremental else None)
             while pull(flow.needed):
                 mel = timed("flow_s", flow.chunk, torch.tensor([tokens]))
                 speech = timed("vocoder_s", vocoder, mel.float(), False)

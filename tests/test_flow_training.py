@@ -9,7 +9,7 @@ import torch
 
 from minicosy.config import get_config
 from minicosy.flow import (CausalMaskedDiffWithXvec, collate, cosine_t_span, evaluate_masks, flow_mels,
-                           heldout_mel_l1, random_batches, stream_inference)
+                           heldout_mel_l1, prompt_state, random_batches, stream_inference)
 from minicosy.masks import FULL_CAUSAL, MASK_NAMES, NON_CAUSAL
 from minicosy.train import TrainConfig, TrainLog, save_checkpoint, train_loop
 
@@ -100,7 +100,7 @@ def test_streaming_follows_the_official_chunk_schedule_and_keeps_no_state(small)
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("prompt_len", [7, 10])
+@pytest.mark.parametrize("prompt_len", [7, 10, 13])
 def test_incremental_streaming_equals_the_recompute_path_on_chunk_masked_chunks(small, prompt_len):
     g = torch.Generator().manual_seed(1)
     token, prompt = torch.randint(0, 6561, (1, 60), generator=g), torch.randint(0, 6561, (1, prompt_len), generator=g)
@@ -117,6 +117,15 @@ def test_incremental_streaming_equals_the_recompute_path_on_chunk_masked_chunks(
     assert sum(c.shape[2] for c in incremental) == 2 * token.shape[1]
     with pytest.raises(ValueError, match="causal"):
         next(stream_inference(small, token, prompt, prompt_feat, emb, incremental=True, mask_kind=NON_CAUSAL))
+    # a prompt's leading chunks computed once give the same chunks again
+    state = prompt_state(small, prompt, prompt_feat, emb, n_timesteps=3)
+    assert state.frames == 2 * ((prompt_len - 3) // 5 * 5)
+    cached = list(stream_inference(small, token, prompt, prompt_feat, emb, incremental=True, state=state, **kw))
+    assert max(float((a - b).abs().max()) for a, b in zip(cached, incremental)) < 1e-5
+    again = list(stream_inference(small, token, prompt, prompt_feat, emb, incremental=True, state=state, **kw))
+    assert all(torch.equal(a, b) for a, b in zip(again, cached))          # the shared state is not modified
+    with pytest.raises(ValueError, match="prompt state"):
+        next(stream_inference(small, token, prompt, prompt_feat, emb, state=state, **kw))
 
 
 @torch.no_grad()
