@@ -279,12 +279,18 @@ def write_official_folder(tts, folder: str | Path, text_tokenizer_dir: str | Pat
     return folder
 
 
-def random_full_size(cfg: MiniCosyConfig | None = None, text_vocab_size: int | None = None, seed: int = 0) -> dict:
-    """Randomly initialised modules of a config (default: the full-size CosyVoice2-0.5B): ``lm``,
-    ``flow``, ``hift``, ``campplus``, ``speech_tokenizer``; for round trips and speed tests."""
+def random_full_size(cfg: MiniCosyConfig | None = None, text_vocab_size: int | None = None, seed: int = 0,
+                     parts: tuple[str, ...] = ("lm", "flow", "hift", "campplus")) -> dict:
+    """Randomly initialised modules of a config (default: the full-size CosyVoice2-0.5B), in eval
+    mode, for round trips and speed tests: any of ``lm``, ``flow``, ``hift``, ``campplus`` and
+    ``speech_tokenizer`` (the full-size tokenizer alone has ~240 M parameters: ask for it)."""
     cfg = cfg or get_config("cosyvoice2_0p5b")
+    builders = {"lm": lambda: TextSpeechLM(cfg.lm, text_vocab_size or cfg.text.vocab_size),
+                "flow": lambda: CausalMaskedDiffWithXvec(cfg.flow), "hift": lambda: HiFTGenerator(cfg.hift),
+                "campplus": lambda: CAMPPlus(cfg.campplus),
+                "speech_tokenizer": lambda: SpeechTokenizer(cfg.speech_tokenizer, ["<blank>", "a"])}
+    unknown = set(parts) - builders.keys()
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {sorted(builders)}")
     torch.manual_seed(seed)
-    return {"lm": TextSpeechLM(cfg.lm, text_vocab_size or cfg.text.vocab_size).eval(),
-            "flow": CausalMaskedDiffWithXvec(cfg.flow).eval(), "hift": HiFTGenerator(cfg.hift).eval(),
-            "campplus": CAMPPlus(cfg.campplus).eval(),
-            "speech_tokenizer": SpeechTokenizer(cfg.speech_tokenizer, ["<blank>", "a"]).eval()}
+    return {name: builders[name]().eval() for name in parts}

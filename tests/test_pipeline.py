@@ -206,3 +206,16 @@ def test_official_folder_round_trip(tts, prompt, tmp_path):
     shutil.rmtree(folder / "CosyVoice-BlankEN")
     with pytest.raises(FileNotFoundError, match="CosyVoice-BlankEN"):
         CosyVoice2.from_pretrained(folder)
+
+
+def test_half_precision_and_devices(prompt):
+    wav, text = prompt
+    half = CosyVoice2.from_pretrained("tiny", dtype=torch.bfloat16)
+    assert next(half.lm.parameters()).dtype == torch.bfloat16 and next(half.flow.parameters()).dtype == torch.bfloat16
+    assert next(half.hift.parameters()).dtype == torch.float32          # STFT/iSTFT stay float32
+    for stream in (False, True):
+        speech = _audio(list(half.inference_zero_shot(TEXT, text, wav, seed=0, stream=stream)))
+        assert speech.dtype == torch.float32 and speech.shape[1] > 0 and torch.isfinite(speech).all()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            CosyVoice2.from_pretrained("tiny", device="cuda")
