@@ -26,6 +26,8 @@ Usage::
 """
 from __future__ import annotations
 
+import argparse
+
 import math
 import time
 import warnings
@@ -573,3 +575,28 @@ def train_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     train_campplus(a.corpus, minutes=a.minutes, out=a.out, margin=a.margin, scale=a.scale, seed=a.seed,
                    threads=a.threads)
+
+
+@torch.no_grad()
+def speaker_table(model: CAMPPlus, corpus_root: str | Path = "data/corpus", split: str = "train",
+                  per_voice: int = 20) -> dict[str, dict[str, torch.Tensor]]:
+    """``spk2info`` for SFT synthesis (§2.7): each voice of ``split`` -> {"embedding": (1, D)}, the
+    mean of the length-normalised embeddings of its first ``per_voice`` utterances."""
+    records = corpus_fbanks(corpus_root, split)
+    table: dict[str, dict[str, torch.Tensor]] = {}
+    for voice in sorted({r["speaker"] for r in records}):
+        own = [r for r in records if r["speaker"] == voice][:per_voice]
+        table[voice] = {"embedding": F.normalize(embed_records(model, own), dim=1).mean(0, keepdim=True)}
+    return table
+
+
+def spk2info_main(argv: list[str] | None = None) -> None:
+    """``python -m minicosy.train spk2info``: the SFT speaker table of the corpus' training voices."""
+    p = argparse.ArgumentParser(prog="python -m minicosy.train spk2info")
+    p.add_argument("--corpus", default="data/corpus")
+    p.add_argument("--checkpoint", default="data/checkpoints/campplus_tiny.pt")
+    p.add_argument("--out", default="data/checkpoints/spk2info_tiny.pt")
+    a = p.parse_args(argv)
+    table = speaker_table(CAMPPlus.from_checkpoint(a.checkpoint), a.corpus)
+    torch.save(table, a.out)
+    print(f"{len(table)} voices -> {a.out}")

@@ -108,7 +108,10 @@ class CosyVoice2:
         self.lm = lm.to(self.device, self.dtype).eval()
         self.flow = flow.to(self.device, self.dtype).eval()
         self.hift = hift.to(self.device).eval()
-        self.spk2info: dict[str, dict] = dict(spk2info or {})
+        self.spk2info: dict[str, dict] = {k: dict(v) for k, v in (spk2info or {}).items()}
+        for info in self.spk2info.values():            # as written by save_spkinfo
+            if isinstance(info.get("prompt"), dict):
+                info["prompt"] = Prompt(**info["prompt"])
         self.sample_rate = config.features.sample_rate
 
     # ---- loading ---------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def test_every_mode_yields_24khz_speech_with_timings(tts, prompt):
         assert totals["audio_s"] == pytest.approx(speech.shape[1] / 24000)
         assert totals["tokens"] * 2 * 480 == speech.shape[1], mode        # 25 Hz tokens -> 24 kHz samples
         assert 0 < totals["first_package_s"] <= totals["elapsed_s"] and totals["rtf"] > 0
-    assert "held" in tts.list_available_spks()
+    assert "held" in tts.list_available_spks() and "flite_slt" in tts.list_available_spks()   # + training voices
+    assert _audio(list(tts.inference_sft(TEXT, "flite_slt", seed=0))).shape[1] > 0
     # the registered prompt gives the same request as passing the prompt again
     again = _audio(list(tts.inference_zero_shot(TEXT, text, wav, seed=0)))
     assert torch.equal(again, _audio(list(tts.inference_zero_shot(TEXT, "", None, zero_shot_spk_id="held", seed=0))))
@@ -219,3 +220,13 @@ def test_half_precision_and_devices(prompt):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             CosyVoice2.from_pretrained("tiny", device="cuda")
+
+
+def test_registered_speakers_survive_save_spkinfo(tts, prompt, tmp_path):
+    wav, text = prompt
+    tts.add_zero_shot_spk(text, wav, "saved")
+    path = tts.save_spkinfo(tmp_path / "spk2info.pt")
+    again = CosyVoice2(tts.frontend, tts.lm, tts.flow, tts.hift, tts.config, spk2info=torch.load(path, weights_only=True))
+    assert set(again.list_available_spks()) == set(tts.list_available_spks())
+    first = _audio(list(tts.inference_zero_shot(TEXT, "", None, zero_shot_spk_id="saved", seed=2)))
+    assert torch.equal(first, _audio(list(again.inference_zero_shot(TEXT, "", None, zero_shot_spk_id="saved", seed=2))))
