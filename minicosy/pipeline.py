@@ -144,14 +144,13 @@ class CosyVoice2:
 
     def add_zero_shot_spk(self, prompt_text: str, prompt_wav: PromptAudio, zero_shot_spk_id: str) -> bool:
         """Process a prompt once and keep it under ``zero_shot_spk_id`` for later requests (also usable
-        by :meth:`inference_sft`, which then takes only its x-vector). Its leading flow chunks are
-        computed too, so that incremental streaming requests start after them."""
+        by :meth:`inference_sft`, which then takes only its x-vector). The first incremental
+        streaming request of the speaker also keeps the prompt's leading flow chunks (a
+        :class:`~minicosy.flow.PromptState`), so that later ones start after them."""
         if not zero_shot_spk_id:
             raise ValueError("zero_shot_spk_id must be a non-empty string")
         prompt = self.frontend.prompt(prompt_wav, prompt_text)
-        state = prompt_state(self.flow, prompt.speech_token.to(self.device), prompt.speech_feat.to(self.device, self.dtype),
-                             prompt.embedding.to(self.device, self.dtype))
-        self.spk2info[zero_shot_spk_id] = {"prompt": prompt, "embedding": prompt.embedding, "flow_state": state}
+        self.spk2info[zero_shot_spk_id] = {"prompt": prompt, "embedding": prompt.embedding}
         return True
 
     def save_spkinfo(self, path: str | Path | None = None) -> Path:
@@ -162,11 +161,17 @@ class CosyVoice2:
         return path
 
     def _prompt(self, prompt_wav: PromptAudio | None, prompt_text: str | None, spk_id: str,
-                text_frontend: bool) -> tuple[Prompt, PromptState | None]:
+                text_frontend: bool, incremental: bool = False) -> tuple[Prompt, PromptState | None]:
         if spk_id:
-            if spk_id not in self.spk2info or "prompt" not in self.spk2info[spk_id]:
+            info = self.spk2info.get(spk_id, {})
+            if "prompt" not in info:
                 raise ValueError(f"unknown zero-shot speaker {spk_id!r}; registered: {self.list_available_spks()}")
-            return self.spk2info[spk_id]["prompt"], self.spk2info[spk_id].get("flow_state")
+            p = info["prompt"]
+            if incremental and "flow_state" not in info:
+                info["flow_state"] = prompt_state(self.flow, p.speech_token.to(self.device),
+                                                  p.speech_feat.to(self.device, self.dtype),
+                                                  p.embedding.to(self.device, self.dtype))
+            return p, info.get("flow_state")
         if prompt_wav is None or (isinstance(prompt_wav, str) and not prompt_wav):
             raise ValueError("prompt_wav is required (or a registered zero_shot_spk_id)")
         return self.frontend.prompt(prompt_wav, prompt_text, text_frontend), None
@@ -180,7 +185,7 @@ class CosyVoice2:
         if not zero_shot_spk_id and (not isinstance(prompt_text, str) or not prompt_text.strip()):
             raise ValueError("prompt_text is required for zero-shot synthesis (the transcript of prompt_wav)")
         start = time.perf_counter()
-        p, state = self._prompt(prompt_wav, prompt_text, zero_shot_spk_id, text_frontend)
+        p, state = self._prompt(prompt_wav, prompt_text, zero_shot_spk_id, text_frontend, kw.get("incremental", False))
         yield from self._run(tts_text, text_frontend, lambda text: Request(
             text, p.text_ids, p.speech_token, p.speech_token, p.speech_feat, p.embedding, state), stream, speed, start, **kw)
 
@@ -190,7 +195,7 @@ class CosyVoice2:
         """The LM gets no prompt (so the prompt's language does not leak into the text); the flow keeps
         the prompt's timbre."""
         start = time.perf_counter()
-        p, state = self._prompt(prompt_wav, None, zero_shot_spk_id, text_frontend)
+        p, state = self._prompt(prompt_wav, None, zero_shot_spk_id, text_frontend, kw.get("incremental", False))
         yield from self._run(tts_text, text_frontend, lambda text: Request(
             text, [], _no_tokens(), p.speech_token, p.speech_feat, p.embedding, state), stream, speed, start, **kw)
 
@@ -205,7 +210,7 @@ class CosyVoice2:
         if not instruct_text.endswith(END_OF_PROMPT):
             instruct_text += END_OF_PROMPT
         start = time.perf_counter()
-        p, state = self._prompt(prompt_wav, None, zero_shot_spk_id, text_frontend)
+        p, state = self._prompt(prompt_wav, None, zero_shot_spk_id, text_frontend, kw.get("incremental", False))
         ids = self.frontend.text_ids(instruct_text, normalize=False)
         yield from self._run(tts_text, text_frontend, lambda text: Request(
             text, ids, _no_tokens(), p.speech_token, p.speech_feat, p.embedding, state), stream, speed, start, **kw)

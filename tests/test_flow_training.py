@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 
 from minicosy.config import get_config
-from minicosy.flow import (CausalMaskedDiffWithXvec, collate, cosine_t_span, evaluate_masks, flow_mels,
+from minicosy.flow import (CausalMaskedDiffWithXvec, FlowStreamer, collate, cosine_t_span, evaluate_masks, flow_mels,
                            heldout_mel_l1, prompt_state, random_batches, stream_inference)
 from minicosy.masks import FULL_CAUSAL, MASK_NAMES, NON_CAUSAL
 from minicosy.train import TrainConfig, TrainLog, save_checkpoint, train_loop
@@ -115,6 +115,12 @@ def test_incremental_streaming_equals_the_recompute_path_on_chunk_masked_chunks(
     # the final call differs by design: chunk-masked incrementally, non-causal when recomputed
     assert not torch.allclose(recompute[-1], incremental[-1], atol=1e-3)
     assert sum(c.shape[2] for c in incremental) == 2 * token.shape[1]
+    streamer = FlowStreamer(small, prompt, prompt_feat, emb, incremental=True, **kw)
+    streamer.chunk(token)
+    cfg = small.cfg                                # K and V per attention block, step, CFG row, frame
+    blocks = (2 + cfg.estimator_mid_blocks) * cfg.estimator_n_blocks
+    per_frame = 2 * blocks * 3 * 2 * cfg.estimator_heads * cfg.estimator_attention_head_dim * 4
+    assert streamer.cache_bytes() >= per_frame * streamer.frames
     with pytest.raises(ValueError, match="causal"):
         next(stream_inference(small, token, prompt, prompt_feat, emb, incremental=True, mask_kind=NON_CAUSAL))
     # a prompt's leading chunks computed once give the same chunks again
