@@ -105,7 +105,7 @@ def print_rows(title: str, rows: dict[str, dict[str, float]], official: dict[str
     for name, r in rows.items():
         ref = official.get(name)
         ratio = f"{r['min'] / ref:7.2f}" if ref else "      -"
-        print(f"{name:48s} {r['min']:9.3f} {r['median']:9.3f} {ref if ref else '-':>9} {ratio}")
+        print(f"{name:48s} {r['min']:9.3f} {r['median']:9.3f} {f'{ref:9.3f}' if ref else '        -'} {ratio}")
 
 
 def main() -> None:

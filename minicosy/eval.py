@@ -210,3 +210,40 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
         cells = [f"{row[c]:>19.3f}" if isinstance(row.get(c), float) else f"{row.get(c, '-')!s:>19s}" for c in cols]
         lines.append(f"{mode:14s}" + "".join(cells))
     return "\n".join(lines)
+
+
+STAGES = ("corpus audio", "Griffin-Lim on the true mel", "HiFT on the true mel", "flow on the true tokens + HiFT",
+          "LM + flow + HiFT (zero-shot)")
+
+
+@torch.inference_mode()
+def stage_wer(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0) -> dict[str, float]:
+    """Where intelligibility is lost: pocketsphinx's WER on :func:`synthesis_trials` after each
+    stage, from the recordings themselves, through each vocoder on their true mel and the flow on
+    their true speech tokens, to the whole zero-shot pipeline (the LM's own tokens)."""
+    from .audio import load_wav, mel_spectrogram
+    from .hift import griffin_lim
+
+    root, asr, sr = Path(corpus_root), SphinxASR(), tts.sample_rate
+
+    def vocode(mel: torch.Tensor) -> np.ndarray:
+        generator = torch.Generator(tts.device).manual_seed(seed)
+        return tts.hift.inference(mel.float().to(tts.device), generator=generator)[0][0].cpu().numpy()
+
+    refs: list[str] = []
+    hyps: dict[str, list[str]] = {stage: [] for stage in STAGES}
+    for trial in synthesis_trials(root, n):
+        target, prompt_rec = trial["target"], trial["prompt"]
+        wav, _ = load_wav(root / target["path"], sr)
+        mel = mel_spectrogram(wav)
+        prompt = tts.frontend.prompt(str(root / prompt_rec["path"]), prompt_rec["text"])
+        tokens = torch.as_tensor(tts.frontend.speech_tokenizer.tokenize(wav, sr)).long().reshape(1, -1)
+        flow_mel = tts.flow.inference(tokens.to(tts.device), prompt.speech_token.to(tts.device),
+                                      prompt.speech_feat.to(tts.device, tts.dtype), prompt.embedding.to(tts.device, tts.dtype))
+        outputs = [wav, griffin_lim(mel).numpy(), vocode(mel[None]), vocode(flow_mel),
+                   torch.cat([o["tts_speech"] for o in tts.inference_zero_shot(
+                       target["text"], prompt_rec["text"], str(root / prompt_rec["path"]), seed=seed)], dim=1)[0].numpy()]
+        refs.append(target["text"])
+        for stage, audio in zip(STAGES, outputs):
+            hyps[stage].append(asr.transcribe(audio, sr))
+    return {stage: error_rate(refs, h, "en") for stage, h in hyps.items()}

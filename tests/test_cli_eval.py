@@ -3,7 +3,7 @@ import soundfile as sf
 import pytest
 
 from minicosy.__main__ import main
-from minicosy.eval import EVAL_MODES, _word_stream, evaluate_tts, format_table, synthesis_trials
+from minicosy.eval import STAGES, EVAL_MODES, _word_stream, evaluate_tts, format_table, stage_wer, synthesis_trials
 from minicosy.pipeline import CosyVoice2
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -28,6 +28,12 @@ def test_evaluate_tts_reports_the_corpus_reference_and_each_mode(corpus_root):
     with pytest.raises(ValueError, match="unknown evaluation modes"):
         evaluate_tts(tts, corpus_root, n=1, modes=("karaoke",))
     assert set(EVAL_MODES) == {"offline", "FM stream", "LM stream", "LM+FM stream"}
+
+
+def test_stage_wer_follows_the_pipeline_stage_by_stage(corpus_root):
+    wer = stage_wer(CosyVoice2.from_pretrained("tiny"), corpus_root, n=1)
+    assert tuple(wer) == STAGES and all(v >= 0 for v in wer.values())
+    assert wer["corpus audio"] < 0.8
 
 
 def test_tts_command_writes_a_wav_and_prints_latencies(corpus_root, tmp_path, capsys):
