@@ -35,6 +35,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import soundfile as sf
@@ -197,6 +198,22 @@ def load_manifest(root: str | Path = "data/corpus", split: str | None = None) ->
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     return [r for r in records if split is None or r["split"] == split]
+
+
+def checkpoint_cache(corpus_root: str | Path, checkpoint: str | Path, key: str, compute: Callable[[], dict]) -> dict:
+    """A per-utterance table made by a model checkpoint (``compute()``), cached in
+    ``<corpus>/cache/<key>_<checkpoint stem>.pt`` and recomputed when the checkpoint's mtime changes."""
+    checkpoint = Path(checkpoint)
+    cache = Path(corpus_root) / "cache" / f"{key}_{checkpoint.stem}.pt"
+    stamp = checkpoint.stat().st_mtime
+    if cache.exists():
+        cached = torch.load(cache, weights_only=True)
+        if cached.get("stamp") == stamp:
+            return cached[key]
+    table = compute()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"stamp": stamp, key: table}, cache)
+    return table
 
 
 def corpus_stats(records: list[dict]) -> dict:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .audio import load_wav, mel_spectrogram
 from .config import FlowConfig, get_config
-from .data import load_manifest
+from .data import checkpoint_cache, load_manifest
 from .flow_encoder import UpsampleConformerEncoder
 from .flow_estimator import CausalConditionalDecoder
 from .masks import CHUNK_M, MASK_NAMES, NON_CAUSAL, chunk_size_of, make_pad_mask, sample_training_mask
@@ -454,20 +454,11 @@ def speaker_embeddings(corpus_root: str | Path, checkpoint: str | Path) -> dict[
     training conditions on each utterance's own embedding), cached and stamped with its mtime."""
     from .campplus import CAMPPlus   # a declared component dependency (tests/test_packaging.py)
 
-    checkpoint = Path(checkpoint)
-    cache = Path(corpus_root) / "cache" / f"xvectors_{checkpoint.stem}.pt"
-    stamp = checkpoint.stat().st_mtime
-    if cache.exists():
-        cached = torch.load(cache, weights_only=True)
-        if cached.get("stamp") == stamp:
-            return cached["xvectors"]
-    model = CAMPPlus.from_checkpoint(checkpoint)
-    xvectors = {}
-    for r in load_manifest(corpus_root):
-        wav, sr = load_wav(Path(corpus_root) / r["path"])
-        xvectors[r["id"]] = model.embed(wav, sr)[0]
-    torch.save({"stamp": stamp, "xvectors": xvectors}, cache)
-    return xvectors
+    def compute() -> dict[str, torch.Tensor]:
+        model = CAMPPlus.from_checkpoint(checkpoint)
+        return {r["id"]: model.embed(*load_wav(Path(corpus_root) / r["path"]))[0] for r in load_manifest(corpus_root)}
+
+    return checkpoint_cache(corpus_root, checkpoint, "xvectors", compute)
 
 
 def load_flow_data(corpus_root: str | Path, splits: tuple[str, ...], tokenizer: str | Path,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .audio import load_wav, resample, whisper_log_mel
 from .config import SpeechTokenizerConfig, get_config
-from .data import load_manifest
+from .data import checkpoint_cache, load_manifest
 from .fsq import FSQ, VectorQuantizer
 from .textnorm import HAN_RE, normalize_for_wer, zh_numbers_to_hanzi
 from .train import TrainConfig, load_checkpoint, recipe_parser, save_checkpoint, seed_everything, train_loop
@@ -320,18 +320,12 @@ def corpus_tokens(corpus_root: str | Path = "data/corpus",
                   checkpoint: str | Path = "data/checkpoints/speech_tokenizer_fsq.pt") -> dict[str, torch.Tensor]:
     """Speech tokens (25 Hz) of every corpus utterance by the given tokenizer, keyed by utterance
     id; cached under ``<corpus>/cache`` (and recomputed when the checkpoint changes)."""
-    checkpoint = Path(checkpoint)
-    cache = Path(corpus_root) / "cache" / f"tokens_{checkpoint.stem}.pt"
-    stamp = checkpoint.stat().st_mtime
-    if cache.exists():
-        cached = torch.load(cache, weights_only=True)
-        if cached.get("stamp") == stamp:
-            return cached["tokens"]
-    model = SpeechTokenizer.from_checkpoint(checkpoint)
-    records = [r for split in ("train", "dev", "test", "heldout") for r in load_features(corpus_root, split)]
-    tokens = {f["id"]: f["codes"].short() for f in extract(model, records)}
-    torch.save({"stamp": stamp, "tokens": tokens}, cache)
-    return tokens
+    def compute() -> dict[str, torch.Tensor]:
+        model = SpeechTokenizer.from_checkpoint(checkpoint)
+        records = [r for split in ("train", "dev", "test", "heldout") for r in load_features(corpus_root, split)]
+        return {f["id"]: f["codes"].short() for f in extract(model, records)}
+
+    return checkpoint_cache(corpus_root, checkpoint, "tokens", compute)
 
 
 def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "fsq", preset: str = "tiny",
