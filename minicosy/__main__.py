@@ -23,9 +23,10 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def _write(path: str | Path, outputs: list[dict], sample_rate: int) -> np.ndarray:
     import soundfile as sf
-    import torch
 
-    wav = torch.cat([o["tts_speech"] for o in outputs], dim=1)[0].numpy()
+    from .pipeline import join_speech
+
+    wav = join_speech(outputs)[0].numpy()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), wav, sample_rate)
     print(f"wrote {os.path.relpath(path)}: {len(wav) / sample_rate:.2f} s at {sample_rate} Hz")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .audio import resample
+from .pipeline import join_speech
 from .textnorm import CHAR_LANGS, normalize_for_wer, normalize_text
 
 
@@ -182,7 +183,7 @@ def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes
             text = _word_stream(target["text"]) if lm_stream else target["text"]
             chunks = list(tts.inference_zero_shot(text, prompt["text"], (prompt_wav, psr), stream=fm_stream,
                                                   seed=seed, incremental=incremental))
-            wav = torch.cat([c["tts_speech"] for c in chunks], dim=1)[0].numpy()
+            wav = join_speech(chunks)[0].numpy()
             outputs[mode] = ((wav, tts.sample_rate), chunks[-1]["totals"])
         for mode, ((wav, sr), totals) in outputs.items():
             row = rows[mode]
@@ -241,8 +242,8 @@ def stage_wer(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: in
         flow_mel = tts.flow.inference(tokens.to(tts.device), prompt.speech_token.to(tts.device),
                                       prompt.speech_feat.to(tts.device, tts.dtype), prompt.embedding.to(tts.device, tts.dtype))
         outputs = [wav, griffin_lim(mel).numpy(), vocode(mel[None]), vocode(flow_mel),
-                   torch.cat([o["tts_speech"] for o in tts.inference_zero_shot(
-                       target["text"], prompt_rec["text"], str(root / prompt_rec["path"]), seed=seed)], dim=1)[0].numpy()]
+                   join_speech(tts.inference_zero_shot(target["text"], prompt_rec["text"], str(root / prompt_rec["path"]),
+                                                       seed=seed))[0].numpy()]
         refs.append(target["text"])
         for stage, audio in zip(STAGES, outputs):
             hyps[stage].append(asr.transcribe(audio, sr))

@@ -346,14 +346,15 @@ class FlowStreamer:
             raise ValueError("incremental streaming needs a causal mask kind (chunk or full-causal)")
         self.flow, self.prompt_token, self.prompt_feat, self.embedding = flow, prompt_token, prompt_feat, embedding
         self.hop, self.max_hop, self.scale, self.mask_kind = hop, max_hop, scale, mask_kind
-        self.incremental, self.solver = incremental, dict(solver, n_timesteps=n_timesteps)
+        self.incremental, self.solver = incremental, solver
+        self.n_timesteps = n_timesteps or flow.cfg.n_timesteps
         self.pad = math.ceil(prompt_token.shape[1] / hop) * hop - prompt_token.shape[1]
         self.offset = 0          # generated tokens already turned into mel
         self.frames = 0          # frames (prompt included) already through the incremental estimator
-        self.caches = [{} for _ in range(n_timesteps or flow.cfg.n_timesteps)]
+        self.caches = [{} for _ in range(self.n_timesteps)]
         if state is not None:    # start after the prompt's cached chunks (copies: the state stays shared)
             if not incremental or solver or state.mask_kind != mask_kind \
-                    or state.n_timesteps != (n_timesteps or flow.cfg.n_timesteps):
+                    or state.n_timesteps != self.n_timesteps:
                 raise ValueError("a prompt state needs incremental=True with its mask kind and step count, "
                                  "the fixed noise and default solver options")
             self.frames, self.caches = state.frames, [dict(c) for c in state.caches]
@@ -377,9 +378,8 @@ class FlowStreamer:
         mu, mask, spks, cond, n_prompt = flow.conditions(token, self.prompt_token, self.prompt_feat, self.embedding,
                                                          finalize, self.mask_kind)
         start = self.frames
-        solver = {k: v for k, v in self.solver.items() if k != "n_timesteps"}
         mel = flow.decoder.sample_path(mu[:, :, start:], mask[:, :, start:], spks, cond[:, :, start:], self.mask_kind,
-                                       self.solver["n_timesteps"], caches=self.caches, offset=start, **solver)[-1]
+                                       self.n_timesteps, caches=self.caches, offset=start, **self.solver)[-1]
         self.frames = mu.shape[2]
         return mel[:, :, max(n_prompt - start, 0):]
 
@@ -392,7 +392,8 @@ class FlowStreamer:
             mel = self._incremental(token, finalize=False)
         else:
             mel = self.flow.inference(token, self.prompt_token, self.prompt_feat, self.embedding, finalize=False,
-                                      mask_kind=self.mask_kind, **self.solver)[:, :, self.flow.cfg.token_mel_ratio * self.offset:]
+                                      mask_kind=self.mask_kind, n_timesteps=self.n_timesteps,
+                                      **self.solver)[:, :, self.flow.cfg.token_mel_ratio * self.offset:]
         self.offset += self.this_hop
         self.hop = min(self.max_hop, self.hop * self.scale)
         return mel
@@ -406,7 +407,7 @@ class FlowStreamer:
         if self.incremental:
             return self._incremental(token, finalize=True)
         mel = self.flow.inference(token, self.prompt_token, self.prompt_feat, self.embedding, finalize=True,
-                                  mask_kind=NON_CAUSAL, **self.solver)
+                                  mask_kind=NON_CAUSAL, n_timesteps=self.n_timesteps, **self.solver)
         return mel[:, :, self.flow.cfg.token_mel_ratio * self.offset:]
 
 

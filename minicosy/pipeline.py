@@ -80,6 +80,11 @@ class _Clock:
         return out
 
 
+def join_speech(outputs: Iterable[dict]) -> torch.Tensor:
+    """The whole utterance (1, samples) from a request's output dicts (streaming chunks or sentences)."""
+    return torch.cat([o["tts_speech"] for o in outputs], dim=1)
+
+
 def eq11_latency(totals: dict, m: int) -> dict[str, float]:
     """Eq. 11 of the paper, L_TTS = M·d_lm + M·d_fm + M·d_voc, with the per-token costs of a finished
     request (``totals`` of its last chunk) and M tokens in the first package."""

@@ -20,9 +20,9 @@ from typing import Callable
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
 from .data import load_manifest
+from .pipeline import join_speech
 
 MODES = ("zero-shot", "cross-lingual", "instruct", "SFT")
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
@@ -160,7 +160,7 @@ def app(tts, corpus_root: str | Path = "data/corpus"):
                                      on_chunk=lambda o: display(Audio(o["tts_speech"][0].numpy(), rate=tts.sample_rate,
                                                                       autoplay=stream.value)))
                 box.last_outputs, box.last_error = outputs, None
-                whole = torch.cat([o["tts_speech"] for o in outputs], dim=1)[0].numpy()
+                whole = join_speech(outputs)[0].numpy()
                 print("whole utterance:")
                 display(Audio(whole, rate=tts.sample_rate))
                 display(latency_figure(outputs))
