@@ -202,6 +202,8 @@ class CorpusConfig:
     dev_fraction: float = 0.05
     test_fraction: float = 0.05
     min_voices: int = 8
+    # instruct sub-corpus (§2.6): training sentences per language, each under every condition
+    instruct_sentences: tuple[tuple[str, int], ...] = (("en", 20), ("zh", 10), ("ja", 5))
 
 
 @dataclass

@@ -7,7 +7,10 @@ peak-normalised, and written to ``data/corpus/`` (git-ignored) with
 * ``manifest.jsonl`` -- one line per utterance: id, text, lang, speaker, engine, gender, path,
   duration, sample_rate, split;
 * ``corpus.json``    -- the build's summary: voices used, engines skipped (not installed), counts,
-  hours, build time.
+  hours, build time;
+* ``instruct/``      -- the instruct sub-corpus (§2.6, :func:`build_instruct`): training sentences
+  re-rendered at other speaking rates and pitches and with emphasised words, each paired with an
+  instruction; a corpus root of its own (same manifest layout plus the instruct fields).
 
 Splits are fixed by a hash of the sentence id, so every rendering of a sentence lands in the same
 split: ``train`` / ``dev`` / ``test``; voices marked ``heldout`` never appear in training and form
@@ -15,7 +18,7 @@ the ``heldout`` split for zero-shot tests.
 
 Usage::
 
-    python -m minicosy.data build            # ~1.5 h of audio, both cores, progress bar
+    python -m minicosy.data build            # ~2 h of audio + the instruct sub-corpus, both cores
     python -m minicosy.data stats            # hours per language and voice (+ stats.png)
 
     from minicosy.data import load_manifest, CorpusDataset
@@ -45,9 +48,11 @@ from tqdm.auto import tqdm
 from .audio import load_wav, resample, trim_silence
 from .config import CorpusConfig
 from .engines import VOICES, Voice, engine_available, synthesize
+from .instruct import CONDITIONS, TEMPLATES, instruction, mark_word, render_voice, unsupported
 
 LANGS = ("en", "zh", "ja", "ko")
 SPLITS = ("train", "dev", "test", "heldout")
+INSTRUCT_DIR = "instruct"       # the instruct sub-corpus: <corpus>/instruct, a corpus root of its own
 MIN_SECONDS, MAX_SECONDS = 1.0, 15.0
 PEAK = 0.9
 
@@ -60,6 +65,7 @@ class Job:
     text: str
     voice: Voice
     split: str
+    extra: tuple = ()       # (key, value) pairs added to the manifest record (the instruct sub-corpus)
 
 
 def read_texts(texts_dir: str | Path) -> dict[str, list[str]]:
@@ -128,11 +134,35 @@ def _render(job: Job, root: str, sample_rate: int) -> dict | None:
     sf.write(os.path.join(root, rel), wav, sample_rate, subtype="PCM_16")
     return {"id": job.id, "text": job.text, "lang": job.voice.lang, "speaker": job.voice.name,
             "engine": job.voice.engine, "gender": job.voice.gender, "path": rel,
-            "duration": round(duration, 3), "sample_rate": sample_rate, "split": job.split}
+            "duration": round(duration, 3), "sample_rate": sample_rate, "split": job.split, **dict(job.extra)}
 
 
 def _render_star(args: tuple) -> dict | None:
     return _render(*args)
+
+
+def render_jobs(jobs: list[Job], root: Path, sample_rate: int, workers: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Render ``jobs`` into ``root`` on ``workers`` processes (both cores by default), with a
+    progress bar; returns the kept records and the dropped ones (outside the duration limits)."""
+    root.mkdir(parents=True, exist_ok=True)
+    workers = workers or min(2, os.cpu_count() or 1)
+    tasks = [(job, str(root), sample_rate) for job in jobs]
+    desc = f"rendering {len(jobs)} utterances on {workers} process(es)"
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            results = list(tqdm(pool.imap_unordered(_render_star, tasks, chunksize=8), total=len(tasks),
+                                desc=desc))
+    else:
+        results = [_render_star(t) for t in tqdm(tasks, desc=desc)]
+    records = sorted((r for r in results if "dropped" not in r), key=lambda r: r["id"])
+    return records, sorted((r for r in results if "dropped" in r), key=lambda r: r["id"])
+
+
+def write_manifest(root: Path, records: list[dict]) -> None:
+    """``manifest.jsonl``: one JSON line per record."""
+    with open(root / "manifest.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def build_corpus(cfg: CorpusConfig | None = None, workers: int | None = None, limit: int | None = None,
@@ -160,30 +190,81 @@ def build_corpus(cfg: CorpusConfig | None = None, workers: int | None = None, li
             if per_voice[job.voice.name] <= limit:
                 kept.append(job)
         jobs = kept
-    root.mkdir(parents=True, exist_ok=True)
     workers = workers or min(2, os.cpu_count() or 1)
-    tasks = [(job, str(root), cfg.sample_rate) for job in jobs]
-    desc = f"rendering {len(jobs)} utterances on {workers} process(es)"
-    if workers > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
-            results = list(tqdm(pool.imap_unordered(_render_star, tasks, chunksize=8), total=len(tasks),
-                                desc=desc))
-    else:
-        results = [_render_star(t) for t in tqdm(tasks, desc=desc)]
-    records = sorted((r for r in results if "dropped" not in r), key=lambda r: r["id"])
-    dropped = sorted((r for r in results if "dropped" in r), key=lambda r: r["id"])
+    records, dropped = render_jobs(jobs, root, cfg.sample_rate, workers)
     speakers = sorted({r["speaker"] for r in records})
     if len(speakers) < cfg.min_voices:
         raise RuntimeError(f"the corpus has only {len(speakers)} voices (< {cfg.min_voices}); install the "
                            f"missing TTS engines ({', '.join(skipped) or 'none skipped'}) and rebuild")
-    with open(root / "manifest.jsonl", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_manifest(root, records)
     summary = corpus_stats(records)
     summary.update(skipped_engines=skipped, dropped=dropped, build_seconds=round(time.time() - start, 1),
                    workers=workers, voice_params=[{"name": v.name, "engine": v.engine, "lang": v.lang,
                                               "gender": v.gender, "heldout": v.heldout, **v.params}
                                              for v in voices])
+    (root / "corpus.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    return summary
+
+
+def plan_instruct(texts: dict[str, list[str]], voices: list[Voice], cfg: CorpusConfig) -> tuple[list[Job], list[dict]]:
+    """Jobs of the instruct sub-corpus and the (engine, condition) pairs skipped, with why.
+
+    Per language, ``cfg.instruct_sentences`` training sentences (a seeded draw). Each is rendered by
+    one training voice (round robin) neutrally and under every condition its engine supports; the
+    conditions it cannot render (pitch, emphasis) go to a voice that can (round robin over those),
+    with a neutral rendering of its own. Each instructed rendering gets one template, its language
+    and paraphrase drawn at random.
+    """
+    rng = random.Random(cfg.seed + 9)
+    jobs, skipped = [], {}
+    for lang, n in cfg.instruct_sentences:
+        train_voices = [v for v in voices if v.lang == lang and not v.heldout]
+        pool = [i for i in range(len(texts.get(lang, []))) if sentence_split(f"{lang}{i:04d}", cfg) == "train"]
+        if not train_voices or not pool:
+            continue
+        for k, i in enumerate(sorted(rng.sample(pool, min(n, len(pool))))):
+            sid, text = f"{lang}{i:04d}", texts[lang][i]
+            todo = list(CONDITIONS.values())[1:]
+            for voice in [train_voices[k % len(train_voices)]] + train_voices[k % len(train_voices) + 1:] + train_voices:
+                mine = [c for c in todo if not unsupported(voice, c)]
+                for c in todo:
+                    if unsupported(voice, c):
+                        skipped[(f"{voice.engine} ({voice.lang})", c.name)] = unsupported(voice, c)
+                if not mine:
+                    continue
+                todo = [c for c in todo if c not in mine]
+                for cond in [CONDITIONS["neutral"]] + mine:
+                    said, word = mark_word(text, rng) if cond.emphasis else (text, "")
+                    tlang = rng.choice(sorted(TEMPLATES[cond.name])) if cond.name in TEMPLATES else "en"
+                    extra = (("instruction", instruction(cond.name, tlang, rng.randrange(3))), ("condition", cond.name),
+                             ("rate", cond.rate), ("semitones", cond.semitones), ("emphasis_word", word),
+                             ("plain_text", text), ("neutral_id", f"{voice.name}-{sid}-neutral"))
+                    jobs.append(Job(f"{voice.name}-{sid}-{cond.name}", said, render_voice(voice, cond), "train", extra))
+                if not todo:
+                    break
+    return jobs, [{"engine": e, "condition": c, "reason": r} for (e, c), r in sorted(skipped.items())]
+
+
+def build_instruct(cfg: CorpusConfig | None = None, workers: int | None = None) -> dict:
+    """Render the instruct sub-corpus into ``<cfg.root>/instruct`` (its own ``manifest.jsonl`` with
+    ``instruction``, ``condition``, ``rate``, ``semitones``, ``emphasis_word``, ``plain_text`` and
+    ``neutral_id``); returns the summary written to its ``corpus.json``."""
+    cfg = cfg or CorpusConfig()
+    root, start = Path(cfg.root) / INSTRUCT_DIR, time.time()
+    voices = [v for v in VOICES if engine_available(v.engine)]
+    jobs, skipped = plan_instruct(read_texts(cfg.texts), voices, cfg)
+    records, dropped = render_jobs(jobs, root, cfg.sample_rate, workers)
+    kept = {r["id"] for r in records}      # an instructed rendering needs its neutral twin
+    records = [r for r in records if r["neutral_id"] in kept]
+    write_manifest(root, records)
+    summary = corpus_stats(records)
+    per_condition: dict[str, dict] = {}
+    for r in records:
+        c = per_condition.setdefault(r["condition"], {"utterances": 0, "minutes": 0.0})
+        c["utterances"] += 1
+        c["minutes"] = round(c["minutes"] + r["duration"] / 60, 2)
+    summary.update(per_condition=per_condition, skipped=skipped, dropped=dropped,
+                   build_seconds=round(time.time() - start, 1))
     (root / "corpus.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     return summary
 
@@ -272,11 +353,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "build":
         if args.if_missing and (Path(args.root) / "manifest.jsonl").exists():
             print(f"corpus already built under {args.root} (--force rebuilds it)")
-            return
-        summary = build_corpus(CorpusConfig(root=args.root), args.workers, args.limit, args.force)
-        print_stats(summary)
-        print(f"\nbuilt in {summary['build_seconds']} s; skipped engines: {summary['skipped_engines'] or 'none'}; "
-              f"dropped {len(summary['dropped'])} utterances outside {MIN_SECONDS}-{MAX_SECONDS} s")
+        else:
+            summary = build_corpus(CorpusConfig(root=args.root), args.workers, args.limit, args.force)
+            print_stats(summary)
+            print(f"\nbuilt in {summary['build_seconds']} s; skipped engines: {summary['skipped_engines'] or 'none'}; "
+                  f"dropped {len(summary['dropped'])} utterances outside {MIN_SECONDS}-{MAX_SECONDS} s")
+        if args.limit is None and not (args.if_missing and (Path(args.root) / INSTRUCT_DIR / "manifest.jsonl").exists()):
+            summary = build_instruct(CorpusConfig(root=args.root), args.workers)
+            print(f"\ninstruct sub-corpus: {summary['utterances']} utterances, {summary['hours'] * 60:.1f} min in "
+                  f"{summary['build_seconds']} s; per condition "
+                  + ", ".join(f"{k} {v['utterances']}" for k, v in summary["per_condition"].items()))
+            for skip in summary["skipped"]:
+                print(f"  {skip['condition']} not rendered by {skip['engine']}: {skip['reason']}")
     else:
         print_stats(corpus_stats(load_manifest(args.root)))
 

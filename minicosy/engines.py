@@ -16,7 +16,10 @@ engine         source                              languages
 =============  ==================================  ==========================================
 
 Each voice fixes its engine's pitch and rate so that the corpus has more distinct speakers than
-engines. ``synthesize(voice, text)`` returns float32 mono audio and its sample rate.
+engines. ``synthesize(voice, text)`` returns float32 mono audio and its sample rate. The instruct
+sub-corpus (:mod:`minicosy.instruct`) varies a voice's rate and pitch through the same parameters,
+plus flite's ``duration_stretch``, espeak's SSML ``prosody_pitch`` and ``<strong>`` words (espeak
+SSML emphasis).
 """
 from __future__ import annotations
 
@@ -91,14 +94,21 @@ def _run_to_wav(cmd: list[str]) -> tuple[np.ndarray, int]:
 
 
 def _flite(voice: Voice, text: str) -> tuple[np.ndarray, int]:
-    return _run_to_wav(["flite", "-voice", voice.params["voice"], "-t", text, "-o", "OUT"])
+    stretch = ["--setf", f"duration_stretch={voice.params['duration_stretch']}"] if "duration_stretch" in voice.params else []
+    return _run_to_wav(["flite", "-voice", voice.params["voice"], *stretch, "-t", text, "-o", "OUT"])
 
 
 def _espeak(voice: Voice, text: str) -> tuple[np.ndarray, int]:
     if voice.lang == "zh":
         text = hanzi_to_pinyin(text)
     p = voice.params
-    return _run_to_wav(["espeak-ng", "-v", p["voice"], "-p", str(p["pitch"]), "-s", str(p["speed"]),
+    markup = []
+    if "prosody_pitch" in p or "<strong>" in text:      # SSML: a pitch change and/or emphasised words
+        text = text.replace("<strong>", '<emphasis level="strong">').replace("</strong>", "</emphasis>")
+        if "prosody_pitch" in p:
+            text = f'<prosody pitch="{p["prosody_pitch"]}">{text}</prosody>'
+        text, markup = f"<speak>{text}</speak>", ["-m"]
+    return _run_to_wav(["espeak-ng", *markup, "-v", p["voice"], "-p", str(p["pitch"]), "-s", str(p["speed"]),
                         "-w", "OUT", "--", text])
 
 

@@ -248,3 +248,127 @@ def stage_wer(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: in
         for stage, audio in zip(STAGES, outputs):
             hyps[stage].append(asr.transcribe(audio, sr))
     return {stage: error_rate(refs, h, "en") for stage, h in hyps.items()}
+
+
+# ---- instruction following (§4.5's MOS-I and Table 10, measured instead of rated) ----------------
+def _condition_change(condition: str, wav: np.ndarray, neutral: np.ndarray, sr: int, text: str = "",
+                      word: str = "") -> float:
+    """How far a rendering moved from its neutral twin the way ``condition`` asks: the speed factor
+    (neutral speech duration / this one) for rate conditions, the median-F0 shift in semitones for
+    pitch, and for emphasis the gain in the marked word's level over the rest (dB, against the same
+    window in the neutral rendering)."""
+    from .instruct import CONDITIONS, emphasis_contrast, median_f0, semitones, speech_duration, speech_span, word_window
+
+    cond = CONDITIONS[condition]
+    if cond.emphasis:
+        gain = [emphasis_contrast(w, sr, word_window(text, word, speech_span(w, sr)))["level_db"] for w in (wav, neutral)]
+        return gain[0] - gain[1]
+    if cond.semitones:
+        return semitones(median_f0(wav, sr), median_f0(neutral, sr))
+    return speech_duration(neutral, sr) / speech_duration(wav, sr)
+
+
+def _right_sign(condition: str, change: float) -> bool:
+    """Whether a measured change goes the way the condition asks."""
+    from .instruct import CONDITIONS
+
+    cond = CONDITIONS[condition]
+    if cond.emphasis:
+        return change > 0
+    if cond.semitones:
+        return bool(np.sign(change) == np.sign(cond.semitones))
+    return bool(np.sign(change - 1) == np.sign(cond.rate - 1))
+
+
+def corpus_instruction_changes(corpus_root: str | Path = "data/corpus", per_condition: int = 12) -> dict[str, list[float]]:
+    """:func:`_condition_change` of the instruct sub-corpus' own renderings against their neutral
+    twins (the first ``per_condition`` of each condition): what the training data shows the model."""
+    from .audio import load_wav
+    from .data import INSTRUCT_DIR, load_manifest
+
+    root = Path(corpus_root) / INSTRUCT_DIR
+    records = load_manifest(root)
+    by_id = {r["id"]: r for r in records}
+    out: dict[str, list[float]] = {}
+    for r in records:
+        if r["condition"] == "neutral" or len(out.get(r["condition"], [])) >= per_condition:
+            continue
+        wav, sr = load_wav(root / r["path"])
+        neutral, _ = load_wav(root / by_id[r["neutral_id"]]["path"], sr)
+        out.setdefault(r["condition"], []).append(
+            _condition_change(r["condition"], wav, neutral, sr, r["text"], r["emphasis_word"]))
+    return out
+
+
+def evaluate_instructions(tts, corpus_root: str | Path = "data/corpus", n: int = 4, seed: int = 0,
+                          conditions: tuple[str, ...] = ("very_slow", "slow", "fast", "very_fast", "high_pitch",
+                                                         "low_pitch", "emphasis"),
+                          progress: bool = True) -> dict:
+    """The objective instruction score: on :func:`synthesis_trials` (held-out English sentences,
+    held-out voices), synthesise each sentence without an instruction (``inference_cross_lingual``:
+    no LM prompt, the prompt voice in the flow), with each instruction's first English template
+    (``inference_instruct2``) and with one ``<strong>`` word; measure each against the neutral
+    synthesis (:func:`_condition_change`) and the content/voice cost (WER, resemblyzer SIM).
+
+    Returns ``changes`` (per condition, per trial), ``quality`` (without / with instruction), and
+    ``audio`` (the first trial's waveforms, for listening)."""
+    import random
+
+    from tqdm.auto import tqdm
+
+    from .audio import load_wav
+    from .instruct import instruction, mark_word
+
+    root, sr = Path(corpus_root), tts.sample_rate
+    asr, judge = SphinxASR(), SpeakerEncoder()
+    changes: dict[str, list[float]] = {c: [] for c in conditions}
+    quality = {k: {"ref": [], "hyp": [], "sim": []} for k in ("without instruction", "with instruction")}
+    audio: dict[str, np.ndarray] = {}
+    first_text = ""
+    for k, trial in enumerate(tqdm(synthesis_trials(root, n), desc="instruction evaluation", disable=not progress)):
+        target, prompt_rec = trial["target"], trial["prompt"]
+        prompt = load_wav(root / prompt_rec["path"])
+        text = target["text"]
+
+        def say(instruct: str = "", spoken: str = text) -> np.ndarray:
+            run = (tts.inference_instruct2(spoken, instruct, prompt, seed=seed) if instruct else
+                   tts.inference_cross_lingual(spoken, prompt, seed=seed))
+            return join_speech(run)[0].numpy()
+
+        neutral = say()
+        outputs = {"neutral": neutral}
+        for cond in conditions:
+            tagged, word = mark_word(text, random.Random(seed + k)) if cond == "emphasis" else (text, "")
+            wav = say(instruction(cond, "en"), tagged)
+            outputs[cond] = wav
+            changes[cond].append(_condition_change(cond, wav, neutral, sr, tagged, word))
+        for cond, wav in outputs.items():
+            row = quality["without instruction" if cond == "neutral" else "with instruction"]
+            row["ref"].append(text)
+            row["hyp"].append(asr.transcribe(wav, sr))
+            row["sim"].append(judge.similarity(wav, sr, *prompt))
+        if k == 0:
+            audio, first_text = outputs, text
+    return {"changes": changes, "audio": audio, "text": first_text,
+            "quality": {k: {"WER": error_rate(v["ref"], v["hyp"], "en"), "SIM (resemblyzer)": float(np.mean(v["sim"])),
+                            "n": len(v["ref"])} for k, v in quality.items()}}
+
+
+def instruction_table(model: dict[str, list[float]], corpus: dict[str, list[float]] | None = None) -> str:
+    """Per condition: what is measured, the mean change and the share of trials that moved the
+    right way, for the model (and the engines' own renderings, ``corpus``)."""
+    from .instruct import CONDITIONS
+
+    unit = {c: ("level gain dB" if CONDITIONS[c].emphasis else "pitch shift st" if CONDITIONS[c].semitones
+                else "speed factor") for c in model}
+    head = f"{'instruction':12s} {'measure':15s} {'asked':>7s} {'model':>8s} {'right way':>10s}"
+    lines = [head + (f" {'corpus':>8s} {'right way':>10s}" if corpus else "")]
+    for c, values in model.items():
+        cond = CONDITIONS[c]
+        asked = "louder" if cond.emphasis else f"{cond.semitones:+.0f} st" if cond.semitones else f"x{cond.rate:g}"
+        line = (f"{c:12s} {unit[c]:15s} {asked:>7s} {np.mean(values):8.2f} "
+                f"{np.mean([_right_sign(c, v) for v in values]):10.0%}")
+        if corpus:
+            line += f" {np.mean(corpus[c]):8.2f} {np.mean([_right_sign(c, v) for v in corpus[c]]):10.0%}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -47,7 +47,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
 from .config import LMConfig, get_config
-from .data import load_manifest
+from .data import INSTRUCT_DIR, load_manifest
 from .lm_sampling import Sampler, greedy_sampling, ras_sampling
 from .text_tokenizer import TextTokenizer
 from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, recipe_parser, save_checkpoint,
@@ -419,13 +419,17 @@ def load_official_llm(checkpoint: str | Path | Mapping[str, torch.Tensor], lm: T
 # ----- training recipe (``python -m minicosy.train lm``) ----------------------------------------
 def lm_examples(records: list[dict], text_tokenizer: TextTokenizer, speech_tokens: Mapping[str, torch.Tensor]) -> list[dict]:
     """Training pairs of corpus utterances: normalised text ids and their 25 Hz speech tokens.
+    A record's ``instruction`` (instruct sub-corpus, ending in ``<|endofprompt|>``) goes before its
+    text, unnormalised, as :meth:`~minicosy.pipeline.CosyVoice2.inference_instruct2` feeds it (§2.6).
     Utterances without text ids or speech tokens are left out."""
     out = []
     for r in records:
-        text = torch.tensor(text_tokenizer.encode(r["text"], normalize=True), dtype=torch.long)
+        prefix = text_tokenizer.encode(r["instruction"], normalize=False) if r.get("instruction") else []
+        text = torch.tensor(prefix + text_tokenizer.encode(r["text"], normalize=True), dtype=torch.long)
         speech = speech_tokens.get(r["id"])
         if len(text) and speech is not None and len(speech):
-            out.append({"id": r["id"], "speaker": r["speaker"], "lang": r["lang"], "text": text, "speech": speech.long()})
+            out.append({"id": r["id"], "speaker": r["speaker"], "lang": r["lang"], "text": text, "speech": speech.long(),
+                        "instruct": bool(r.get("condition"))})
     return out
 
 
@@ -491,15 +495,18 @@ def unigram_perplexity(train: list[dict], held: list[dict], vocab: int = 6561) -
 def train_lm(train: list[dict], held: list[dict], cfg: LMConfig, text_vocab_size: int, tcfg: TrainConfig,
              max_rows: int = 3000, out: str | Path | None = None) -> tuple[TextSpeechLM, dict]:
     """Train a text-speech LM from scratch on both layouts (§2.3; the official coin flip per
-    utterance), evaluate on ``held`` and save a checkpoint with its card to ``out``."""
+    utterance), evaluate on ``held`` and save a checkpoint with its card to ``out``. With
+    ``tcfg.validate_minutes`` the held-out perplexity picks the weights kept (early stopping)."""
     seed_everything(tcfg.seed)
     lm = TextSpeechLM(cfg, text_vocab_size)
     coin, order = random.Random(tcfg.seed), random.Random(tcfg.seed + 1)
     log = train_loop(lm, lm_batches(train, max_rows, order), lambda b: lm(**b, rng=coin)["loss"], tcfg,
-                     desc="text-speech LM")
+                     desc="text-speech LM", validate=lambda: evaluate_lm(lm, held)["perplexity"])
     metrics = {layout: evaluate_lm(lm, held, bistream=layout == "bistream") for layout in ("unistream", "bistream")}
     metrics["unigram_perplexity"] = unigram_perplexity(train, held, cfg.speech_token_size)
     metrics["train_utterances"], metrics["train_speech_tokens"] = len(train), sum(len(e["speech"]) for e in train)
+    metrics["instruct_utterances"] = sum(1 for e in train if e.get("instruct"))
+    metrics.update({k: log.extra[k] for k in ("best_step", "best_validation") if k in log.extra})
     for layout in ("unistream", "bistream"):
         m = metrics[layout]
         print(f"held-out ({layout}): next-token accuracy {m['accuracy']:.3f}, perplexity {m['perplexity']:.1f} "
@@ -511,19 +518,29 @@ def train_lm(train: list[dict], held: list[dict], cfg: LMConfig, text_vocab_size
 
 
 def train_main(argv: list[str] | None = None) -> None:
-    """``python -m minicosy.train lm [--minutes 9] [--out data/checkpoints/lm_tiny.pt]``: the tiny
-    LM on the corpus' train split; held-out accuracy/perplexity on dev + test."""
-    p = recipe_parser("lm", 9.0, "data/checkpoints/lm_tiny.pt")
+    """``python -m minicosy.train lm [--minutes 12] [--out data/checkpoints/lm_tiny.pt]``: the tiny
+    LM on the corpus' train split and the instruct sub-corpus (§2.6); held-out accuracy/perplexity
+    on dev + test, which also picks the weights kept (checked every ``--validate-minutes``)."""
+    p = recipe_parser("lm", 12.0, "data/checkpoints/lm_tiny.pt")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--speech-tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt")
     p.add_argument("--text-tokenizer", default="data/checkpoints/text_tokenizer")
     p.add_argument("--max-rows", type=int, default=3000, help="padded sequence rows per batch")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--validate-minutes", type=float, default=1.0, help="0: keep the last weights")
+    p.add_argument("--no-instruct", action="store_true", help="leave out the instruct sub-corpus")
     a = p.parse_args(argv)
     threads = a.threads
     torch.set_num_threads(threads)
     tok = TextTokenizer.from_pretrained(a.text_tokenizer)
     train = corpus_examples(a.corpus, ["train"], tok, a.speech_tokenizer)
+    instruct = Path(a.corpus) / INSTRUCT_DIR
+    if not a.no_instruct:
+        if not (instruct / "manifest.jsonl").exists():
+            raise FileNotFoundError(f"{instruct}/manifest.jsonl not found: run `python -m minicosy.data build` "
+                                    "(or pass --no-instruct)")
+        train += corpus_examples(instruct, ["train"], tok, a.speech_tokenizer)
     held = corpus_examples(a.corpus, ["dev", "test"], tok, a.speech_tokenizer)
-    tcfg = TrainConfig(lr=a.lr, max_minutes=a.minutes, seed=a.seed, warmup_steps=50, threads=threads)
+    tcfg = TrainConfig(lr=a.lr, max_minutes=a.minutes, seed=a.seed, warmup_steps=50, threads=threads,
+                       validate_minutes=a.validate_minutes)
     train_lm(train, held, get_config(a.preset).lm, len(tok), tcfg, a.max_rows, a.out)

@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     log_every: int = 25
+    validate_minutes: float = 0.0    # > 0: validate this often, keep the best weights (early stopping)
 
 
 @dataclass
@@ -89,19 +90,36 @@ def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
 
 
 def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[object], torch.Tensor],
-               cfg: TrainConfig, desc: str = "training") -> TrainLog:
+               cfg: TrainConfig, desc: str = "training", validate: Callable[[], float] | None = None) -> TrainLog:
     """Optimise ``loss_fn(batch)`` until ``max_steps`` or ``max_minutes``, whichever comes first;
-    the learning-rate schedule follows whichever budget runs out first (:func:`lr_factor`)."""
+    the learning-rate schedule follows whichever budget runs out first (:func:`lr_factor`).
+
+    With ``validate`` (a held-out score, lower is better) and ``cfg.validate_minutes`` > 0, the
+    score is taken that often and at the end, and the model ends with the best weights seen
+    (early stopping); ``log.extra`` records the curve and the best step."""
     torch.set_num_threads(cfg.threads)
     opt = make_optimizer(model, cfg)
     log, start = TrainLog(), time.time()
     model.train()
     bar = tqdm(desc=desc, unit="step")
-    running = None
+    running, best, next_check = None, None, cfg.validate_minutes * 60
+
+    def check(step: int) -> None:
+        nonlocal best
+        score = validate()
+        model.train()
+        log.extra.setdefault("validation", []).append([step, round(time.time() - start, 1), round(score, 4)])
+        if best is None or score < best[0]:
+            best = (score, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        bar.set_postfix(val=f"{score:.3g}")
+
     for step in range(cfg.max_steps):
         progress = max(step / cfg.max_steps, (time.time() - start) / (60 * cfg.max_minutes))
         if progress >= 1.0:
             break
+        if validate is not None and cfg.validate_minutes > 0 and time.time() - start >= next_check:
+            check(step)
+            next_check += cfg.validate_minutes * 60
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, progress, cfg)
         loss = loss_fn(next(batches))
@@ -115,6 +133,10 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
             log.losses.append(round(running, 4))
             bar.set_postfix(loss=f"{running:.3f}")
         bar.update(1)
+    if validate is not None and cfg.validate_minutes > 0:
+        check(step + 1)
+        model.load_state_dict(best[2])
+        log.extra["best_step"], log.extra["best_validation"] = best[1], round(best[0], 4)
     bar.close()
     model.eval()
     log.seconds = round(time.time() - start, 1)

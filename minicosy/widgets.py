@@ -1,4 +1,4 @@
-"""An ipywidgets app for interactive synthesis (notebook 09): text, prompt (corpus voices, the real
+"""An ipywidgets app for interactive synthesis (notebook 10): text, prompt (corpus voices, the real
 prompts in ``../shared/data`` when present, or an upload), mode (zero-shot / cross-lingual /
 instruct / SFT), streaming with chunks played as they arrive, and a latency chart.
 
