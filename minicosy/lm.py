@@ -529,6 +529,7 @@ def train_main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--validate-minutes", type=float, default=1.0, help="0: keep the last weights")
     p.add_argument("--no-instruct", action="store_true", help="leave out the instruct sub-corpus")
+    p.add_argument("--instruct-repeat", type=int, default=2, help="times each instruct example is seen per epoch")
     a = p.parse_args(argv)
     threads = a.threads
     torch.set_num_threads(threads)
@@ -539,7 +540,7 @@ def train_main(argv: list[str] | None = None) -> None:
         if not (instruct / "manifest.jsonl").exists():
             raise FileNotFoundError(f"{instruct}/manifest.jsonl not found: run `python -m minicosy.data build` "
                                     "(or pass --no-instruct)")
-        train += corpus_examples(instruct, ["train"], tok, a.speech_tokenizer)
+        train += corpus_examples(instruct, ["train"], tok, a.speech_tokenizer) * a.instruct_repeat
     held = corpus_examples(a.corpus, ["dev", "test"], tok, a.speech_tokenizer)
     tcfg = TrainConfig(lr=a.lr, max_minutes=a.minutes, seed=a.seed, warmup_steps=50, threads=threads,
                        validate_minutes=a.validate_minutes)

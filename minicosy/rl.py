@@ -1,4 +1,5 @@
-"""Preference optimisation of the text-speech LM (§2.8, eq. 13): DPO on sequence log-probabilities.
+"""Fine-tuning the text-speech LM: mSFT speaker tags (§2.7), DPO (§2.8, eq. 13) and the
+differentiable ASR reward (eqs. 14-15).
 
     L_DPO = -log σ( β·log π_θ(μ^w|y)/π_ref(μ^w|y) - β·log π_θ(μ^l|y)/π_ref(μ^l|y) )
 
@@ -11,13 +12,17 @@ Usage::
 
     logp = sequence_log_probs(lm, text, text_len, speech, speech_len)          # (B,), differentiable
     loss, stats = dpo_loss(logp_w, logp_l, ref_w, ref_l, beta=0.1)
+    speaker_prompt("Speaker A")                                                # 'Speaker A<|endofprompt|>'
+    loss = asr_reward_loss(lm, tokenizer, text, text_len, speech, speech_len, units, unit_len)
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from .lm import IGNORE_ID, TextSpeechLM
+from .speech_tokenizer import SpeechTokenizer
 
 
 def sequence_log_probs(lm: TextSpeechLM, text_token: torch.Tensor, text_token_len: torch.Tensor,
@@ -44,3 +49,45 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     loss = -F.logsigmoid(margin).mean()
     margin = margin.detach()
     return loss, {"margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
+
+
+def speaker_prompt(speaker: str | None = None) -> str:
+    """The mSFT speaker tag (§2.7) that goes before the text: ``"Speaker A<|endofprompt|>"`` for a
+    labelled speaker, ``"unknown<|endofprompt|>"`` otherwise."""
+    if speaker is not None and (not isinstance(speaker, str) or not speaker.strip() or "<|" in speaker):
+        raise ValueError(f"a speaker label must be a non-empty string without special tokens, got {speaker!r}")
+    return f"{speaker.strip() if speaker else 'unknown'}<|endofprompt|>"
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A relaxed one-hot sample softmax((logits + g) / τ), g ~ Gumbel(0, 1) (seedable)."""
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-10, 1 - 1e-10)
+    return ((logits.float() - torch.log(-torch.log(u))) / tau).softmax(-1)
+
+
+def asr_reward_loss(lm: TextSpeechLM, tokenizer: SpeechTokenizer, text_token: torch.Tensor, text_token_len: torch.Tensor,
+                    speech_token: torch.Tensor, speech_token_len: torch.Tensor, units: torch.Tensor,
+                    unit_len: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The differentiable ASR reward of §2.8 (eqs. 14-15), L_ASR = -log P(Y | Ĥ; θ_ASR).
+
+    At every speech position of the unistream layout the LM's next-token distribution over the
+    speech codes is sampled with the Gumbel-softmax; the relaxed one-hot is read back into FSQ digits
+    (eq. 14, the expected digit vector) and through the tokenizer's Proj_up to Ĥ, and the tokenizer's
+    Encoder2 + CTC head score the transcript units ``units`` (ids into ``tokenizer.vocab``, 1-based;
+    0 is the blank). Gradients reach the LM only: this call sets the tokenizer's ``requires_grad``
+    to False."""
+    if tokenizer.quantizer_kind != "fsq" or tokenizer.codebook_size != lm.cfg.speech_token_size:
+        raise ValueError(f"the ASR reward needs an FSQ tokenizer with {lm.cfg.speech_token_size} codes, got "
+                         f"{tokenizer.quantizer_kind} with {tokenizer.codebook_size}")
+    tokenizer.requires_grad_(False)
+    out = lm(text_token, text_token_len, speech_token, speech_token_len, bistream=False)
+    speech_rows = (out["target"] >= 0) & (out["target"] < lm.cfg.speech_token_size)
+    logits = pad_sequence([out["logits"][b][speech_rows[b], :lm.cfg.speech_token_size] for b in range(len(speech_rows))],
+                          batch_first=True)
+    lengths = speech_rows.sum(-1)
+    pad = torch.arange(logits.shape[1], device=logits.device)[None, :] >= lengths[:, None]
+    post = tokenizer.quantizer.decode_soft(gumbel_softmax(logits, tau, generator))
+    log_probs = tokenizer.asr_log_probs(post, pad)
+    return F.ctc_loss(log_probs.transpose(0, 1), units, lengths, unit_len, blank=0, zero_infinity=True)

@@ -110,6 +110,6 @@ def test_recipe_runs_through_the_train_cli(tmp_path, monkeypatch):
     assert (str(corpus / "instruct"), ("train",)) in calls              # the instruct sub-corpus is mixed in
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["model_config"]["cfg"]["hidden_size"] == 128 and card["train_config"]["max_minutes"] == 0.01
-    assert card["metrics"]["train_utterances"] == 24 and "best_validation" in card["metrics"]
+    assert card["metrics"]["train_utterances"] == 12 + 2 * 12 and "best_validation" in card["metrics"]
     with pytest.raises(FileNotFoundError, match="instruct"):
         main(["lm", "--corpus", str(tmp_path / "bare"), "--minutes", "0.01", "--out", str(out)])

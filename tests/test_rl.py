@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from minicosy.config import LMConfig
+from minicosy.config import LMConfig, SpeechTokenizerConfig
 from minicosy.lm import TextSpeechLM
-from minicosy.rl import dpo_loss, sequence_log_probs
+from minicosy.rl import asr_reward_loss, dpo_loss, gumbel_softmax, sequence_log_probs, speaker_prompt
+from minicosy.speech_tokenizer import SpeechTokenizer
 
 TINY = LMConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -49,3 +50,54 @@ def test_sequence_log_probs_sum_speech_positions_only_and_train_the_policy():
     loss.backward()
     assert lm.llm_decoder.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in ref.parameters())
+
+
+def test_speaker_prompt_tags():
+    assert speaker_prompt("Speaker A") == "Speaker A<|endofprompt|>"
+    assert speaker_prompt(None) == speaker_prompt() == "unknown<|endofprompt|>"
+    for bad in ("", "  ", "a<|endofprompt|>"):
+        with pytest.raises(ValueError, match="speaker label"):
+            speaker_prompt(bad)
+
+
+def _tokenizer() -> SpeechTokenizer:
+    cfg = SpeechTokenizerConfig(d_model=32, n_heads=2, encoder1_layers=1, encoder2_layers=1)
+    return SpeechTokenizer(cfg, list("abcdefg"))
+
+
+def test_gumbel_softmax_is_a_seeded_relaxed_one_hot():
+    logits = torch.tensor([[0.0, 5.0, -5.0]])
+    a = gumbel_softmax(logits, 0.5, torch.Generator().manual_seed(1))
+    b = gumbel_softmax(logits, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and torch.allclose(a.sum(-1), torch.ones(1))
+    hard = gumbel_softmax(logits.expand(2000, 3) * 1.0, 1e-3, torch.Generator().manual_seed(0))
+    share = hard.argmax(-1).bincount(minlength=3).float() / 2000           # samples follow softmax(logits)
+    assert torch.allclose(share, logits.softmax(-1)[0], atol=0.03)
+    with pytest.raises(ValueError, match="tau"):
+        gumbel_softmax(logits, 0.0)
+
+
+def test_asr_reward_reaches_the_lm_and_leaves_the_tokenizer_frozen():
+    torch.manual_seed(0)
+    lm, tok = TextSpeechLM(TINY, 50), _tokenizer()
+    text, speech = torch.randint(0, 50, (2, 4)), torch.randint(0, 6561, (2, 12))
+    text_len, speech_len = torch.tensor([4, 3]), torch.tensor([12, 9])
+    units, unit_len = torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2])
+    before = {k: v.clone() for k, v in tok.state_dict().items()}
+    opt = torch.optim.SGD(list(lm.parameters()) + list(tok.parameters()), lr=0.1)
+    loss = asr_reward_loss(lm, tok, text, text_len, speech, speech_len, units, unit_len,
+                           generator=torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    lm_grads = [p.grad for p in lm.parameters() if p.grad is not None]
+    assert lm_grads and sum(float(g.abs().sum()) for g in lm_grads) > 0
+    assert lm.llm_decoder.weight.grad[:6561].abs().sum() > 0             # through the speech-code logits
+    assert all(p.grad is None and not p.requires_grad for p in tok.parameters())
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in tok.state_dict().items())
+    # the soft path agrees with the hard one for a one-hot distribution (eq. 14)
+    codes = torch.randint(0, 6561, (1, 5))
+    onehot = torch.nn.functional.one_hot(codes, 6561).float()
+    torch.testing.assert_close(tok.quantizer.decode_soft(onehot), tok.quantizer.decode(codes))
+    with pytest.raises(ValueError, match="FSQ tokenizer"):
+        asr_reward_loss(lm, SpeechTokenizer(tok.cfg, tok.vocab, "vq"), text, text_len, speech, speech_len, units, unit_len)
