@@ -89,6 +89,40 @@ def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size). Under ``torchrun`` (``WORLD_SIZE`` > 1) the first call joins the process
+    group (gloo on CPU, nccl when CUDA is available and ``MINICOSY_BACKEND`` does not say otherwise)
+    and silences the other ranks' printing, so that a recipe's report appears once."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = os.environ.get("MINICOSY_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend)
+        if dist.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no ``torchrun``): the process that logs and writes checkpoints."""
+    return distributed()[0] == 0
+
+
+class _Loss(torch.nn.Module):
+    """Makes a recipe's ``loss_fn(batch)`` the forward of a module that owns the model, so that
+    DistributedDataParallel sees every step's forward whatever methods the loss calls."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor]):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: object) -> torch.Tensor:
+        return self.loss_fn(batch)
+
+
 def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[object], torch.Tensor],
                cfg: TrainConfig, desc: str = "training", validate: Callable[[], float] | None = None) -> TrainLog:
     """Optimise ``loss_fn(batch)`` until ``max_steps`` or ``max_minutes``, whichever comes first;
@@ -96,12 +130,25 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
 
     With ``validate`` (a held-out score, lower is better) and ``cfg.validate_minutes`` > 0, the
     score is taken that often and at the end, and the model ends with the best weights seen
-    (early stopping); ``log.extra`` records the curve and the best step."""
+    (early stopping); ``log.extra`` records the curve and the best step.
+
+    Under ``torchrun`` the loop is data-parallel (DistributedDataParallel): every rank draws the
+    same batch sequence and takes its share of each step's ``world`` batches, so one step sees a
+    global batch of ``world`` batches; rank 0 decides when to stop and validate, and logs the
+    loss averaged over ranks."""
+    import torch.distributed as dist
+
     torch.set_num_threads(cfg.threads)
+    rank, world = distributed()
+    step_fn: torch.nn.Module = _Loss(model, loss_fn)
+    if world > 1:
+        on_gpu = next(model.parameters()).is_cuda
+        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=True,
+                                                            device_ids=[torch.cuda.current_device()] if on_gpu else None)
     opt = make_optimizer(model, cfg)
     log, start = TrainLog(), time.time()
     model.train()
-    bar = tqdm(desc=desc, unit="step")
+    bar = tqdm(desc=desc, unit="step", disable=rank != 0)
     running, best, next_check = None, None, cfg.validate_minutes * 60
 
     def check(step: int) -> None:
@@ -113,21 +160,35 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
             best = (score, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
         bar.set_postfix(val=f"{score:.3g}")
 
+    def agreed(*values: float) -> list[float]:
+        """Rank 0's values on every rank (stop, validate: decided once for all)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if world > 1:
+            dist.broadcast(t, 0)
+        return t.tolist()
+
     for step in range(cfg.max_steps):
-        progress = max(step / cfg.max_steps, (time.time() - start) / (60 * cfg.max_minutes))
+        elapsed = time.time() - start
+        progress, due = agreed(max(step / cfg.max_steps, elapsed / (60 * cfg.max_minutes)),
+                               float(validate is not None and cfg.validate_minutes > 0 and elapsed >= next_check))
         if progress >= 1.0:
             break
-        if validate is not None and cfg.validate_minutes > 0 and time.time() - start >= next_check:
+        if due:
             check(step)
             next_check += cfg.validate_minutes * 60
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, progress, cfg)
-        loss = loss_fn(next(batches))
+        local = [next(batches) for _ in range(world)][rank]
+        loss = step_fn(local)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        value = loss.detach().float()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        running = value.item() if running is None else 0.95 * running + 0.05 * value.item()
         if step % cfg.log_every == 0:
             log.steps.append(step)
             log.losses.append(round(running, 4))
@@ -162,8 +223,11 @@ def _command() -> str:
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_config: dict, train_cfg: TrainConfig,
                     log: TrainLog, **extra) -> Path:
     """Weights + everything needed to rebuild the model + how it was made (command, config, time,
-    git commit, loss curve). Weights are stored in float16 where that keeps files small."""
+    git commit, loss curve). Weights are stored in float16 where that keeps files small. Under
+    ``torchrun`` only rank 0 writes."""
     path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "model_config": model_config, "train_config": asdict(train_cfg),
