@@ -91,3 +91,56 @@ def asr_reward_loss(lm: TextSpeechLM, tokenizer: SpeechTokenizer, text_token: to
     post = tokenizer.quantizer.decode_soft(gumbel_softmax(logits, tau, generator))
     log_probs = tokenizer.asr_log_probs(post, pad)
     return F.ctc_loss(log_probs.transpose(0, 1), units, lengths, unit_len, blank=0, zero_infinity=True)
+
+
+# ----- data for fine-tuning ---------------------------------------------------------------------
+def tag_examples(examples: list[dict], text_tokenizer, labels: dict[str, str]) -> list[dict]:
+    """mSFT training data (§2.7): each LM example's text ids prefixed with its speaker's tag,
+    ``labels[speaker]`` (e.g. ``"Speaker A"``) for a labelled speaker and ``unknown`` otherwise."""
+    tags = {}
+    out = []
+    for ex in examples:
+        label = labels.get(ex["speaker"])
+        if label not in tags:
+            tags[label] = torch.tensor(text_tokenizer.encode(speaker_prompt(label), normalize=False), dtype=torch.long)
+        out.append({**ex, "text": torch.cat([tags[label], ex["text"]]), "tag": label or "unknown"})
+    return out
+
+
+def preference_pairs(candidates: dict[str, list[dict]], min_gap: float = 1e-6) -> list[dict]:
+    """DPO pairs (§2.8): per text, the best and the worst of its sampled candidates, ranked by WER
+    (lower is better) and then speaker similarity (higher is better). Each candidate is a dict
+    with ``speech`` (token ids), ``wer`` and ``sim``; texts whose best and worst tie are skipped.
+    Returns dicts with ``key``, ``chosen``, ``rejected`` and the two scores."""
+    pairs = []
+    for key, cands in candidates.items():
+        if len(cands) < 2:
+            continue
+        ranked = sorted(cands, key=lambda c: (c["wer"], -c["sim"]))
+        best, worst = ranked[0], ranked[-1]
+        if worst["wer"] - best["wer"] < min_gap and best["sim"] - worst["sim"] < min_gap:
+            continue
+        pairs.append({"key": key, "chosen": best["speech"], "rejected": worst["speech"],
+                      "chosen_score": (best["wer"], best["sim"]), "rejected_score": (worst["wer"], worst["sim"])})
+    return pairs
+
+
+def dpo_batch(pairs: list[dict], text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Chosen and rejected sequences of ``pairs`` stacked into one padded LM batch (chosen first);
+    ``text`` maps each pair's key to its text ids."""
+    texts = [text[p["key"]] for p in pairs] * 2
+    speech = [torch.as_tensor(p["chosen"]).long() for p in pairs] + [torch.as_tensor(p["rejected"]).long() for p in pairs]
+    return {"text_token": pad_sequence(texts, batch_first=True),
+            "text_token_len": torch.tensor([len(t) for t in texts], dtype=torch.int32),
+            "speech_token": pad_sequence(speech, batch_first=True),
+            "speech_token_len": torch.tensor([len(s) for s in speech], dtype=torch.int32)}
+
+
+def dpo_step_loss(policy: TextSpeechLM, reference: TextSpeechLM, batch: dict[str, torch.Tensor],
+                  beta: float = 0.1) -> torch.Tensor:
+    """Eq. 13 on one :func:`dpo_batch`: the policy's and the frozen reference's sequence log-probs."""
+    n = len(batch["text_token"]) // 2
+    logp = sequence_log_probs(policy, **batch)
+    with torch.no_grad():
+        ref = sequence_log_probs(reference, **batch)
+    return dpo_loss(logp[:n], logp[n:], ref[:n], ref[n:], beta)[0]

@@ -6,7 +6,8 @@ import torch
 
 from minicosy.config import LMConfig, SpeechTokenizerConfig
 from minicosy.lm import TextSpeechLM
-from minicosy.rl import asr_reward_loss, dpo_loss, gumbel_softmax, sequence_log_probs, speaker_prompt
+from minicosy.rl import (asr_reward_loss, dpo_batch, dpo_loss, dpo_step_loss, gumbel_softmax, preference_pairs,
+                         sequence_log_probs, speaker_prompt, tag_examples)
 from minicosy.speech_tokenizer import SpeechTokenizer
 
 TINY = LMConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -101,3 +102,44 @@ def test_asr_reward_reaches_the_lm_and_leaves_the_tokenizer_frozen():
     torch.testing.assert_close(tok.quantizer.decode_soft(onehot), tok.quantizer.decode(codes))
     with pytest.raises(ValueError, match="FSQ tokenizer"):
         asr_reward_loss(lm, SpeechTokenizer(tok.cfg, tok.vocab, "vq"), text, text_len, speech, speech_len, units, unit_len)
+
+
+def test_tag_examples_prefix_the_speaker_tag():
+    class Tok:  # characters as ids, '<|endofprompt|>' as one id
+        def encode(self, text, normalize=False):
+            head, _, _ = text.partition("<|endofprompt|>")
+            return [ord(c) % 50 for c in head] + [49]
+
+    ex = [{"speaker": "a", "text": torch.tensor([1, 2])}, {"speaker": "b", "text": torch.tensor([3])}]
+    tagged = tag_examples(ex, Tok(), {"a": "Speaker A"})
+    assert tagged[0]["text"].tolist() == Tok().encode("Speaker A<|endofprompt|>") + [1, 2]
+    assert tagged[1]["text"].tolist() == Tok().encode("unknown<|endofprompt|>") + [3]
+    assert [t["tag"] for t in tagged] == ["Speaker A", "unknown"] and ex[0]["text"].tolist() == [1, 2]
+
+
+def test_preference_pairs_rank_by_wer_then_similarity():
+    cands = {"t1": [{"speech": [1], "wer": 0.5, "sim": 0.7}, {"speech": [2], "wer": 0.2, "sim": 0.6},
+                    {"speech": [3], "wer": 0.2, "sim": 0.9}, {"speech": [4], "wer": 0.9, "sim": 0.95}],
+             "t2": [{"speech": [5], "wer": 0.4, "sim": 0.5}, {"speech": [6], "wer": 0.4, "sim": 0.5}],
+             "t3": [{"speech": [7], "wer": 0.0, "sim": 0.5}]}
+    pairs = preference_pairs(cands)
+    assert [(p["key"], p["chosen"], p["rejected"]) for p in pairs] == [("t1", [3], [4])]    # ties and singles skipped
+
+
+def test_dpo_step_starts_at_log_2_and_moves_towards_the_chosen_sequence():
+    torch.manual_seed(0)
+    policy, reference = TextSpeechLM(TINY, 50), TextSpeechLM(TINY, 50)
+    reference.load_state_dict(policy.state_dict())
+    reference.requires_grad_(False)
+    pairs = [{"key": "a", "chosen": [5, 6, 7, 8], "rejected": [9, 9, 9]},
+             {"key": "b", "chosen": [1, 2], "rejected": [3, 4, 5, 6, 7]}]
+    batch = dpo_batch(pairs, {"a": torch.tensor([1, 2, 3]), "b": torch.tensor([4, 5])})
+    assert batch["speech_token"].shape == (4, 5) and batch["speech_token_len"].tolist() == [4, 2, 3, 5]
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = dpo_step_loss(policy, reference, batch, beta=0.5)
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5) and losses[-1] < losses[0] - 0.1
+    assert all(p.grad is None for p in reference.parameters())
