@@ -443,13 +443,17 @@ def corpus_examples(corpus_root: str | Path, splits: Iterable[str], text_tokeniz
 
 
 def collate_lm(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Zero-padded ``text_token``/``speech_token`` with their lengths (the forward's arguments)."""
+    """Zero-padded ``text_token``/``speech_token`` with their lengths (the forward's arguments), and
+    ``units``/``unit_len`` when every item has ``units``."""
     def pad(key: str) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = [it[key] for it in items]
         return pad_sequence(seqs, batch_first=True), torch.tensor([len(s) for s in seqs], dtype=torch.int32)
 
     (text, text_len), (speech, speech_len) = pad("text"), pad("speech")
-    return {"text_token": text, "text_token_len": text_len, "speech_token": speech, "speech_token_len": speech_len}
+    batch = {"text_token": text, "text_token_len": text_len, "speech_token": speech, "speech_token_len": speech_len}
+    if all("units" in it for it in items):          # transcript units for the ASR reward (minicosy.rl)
+        batch["units"], batch["unit_len"] = pad("units")
+    return batch
 
 
 def lm_batches(examples: list[dict], max_rows: int, rng: random.Random) -> Iterator[dict[str, torch.Tensor]]:
