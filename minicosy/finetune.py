@@ -13,14 +13,16 @@ Usage::
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from torch.nn.functional import normalize
 
 from .eval import SpeakerEncoder, SphinxASR, error_rate
 from .lm import TextSpeechLM, lm_batches
-from .rl import asr_reward_loss, dpo_batch, dpo_step_loss
+from .rl import asr_reward_loss, dpo_batch, dpo_step_loss, preference_pairs
 from .speech_tokenizer import SpeechTokenizer, transcript
 from .train import TrainConfig, TrainLog, train_loop
 
@@ -115,3 +117,148 @@ def train_dpo(policy: TextSpeechLM, pairs: list[dict], text_ids: dict[str, torch
                 yield dpo_batch(order[k:k + pairs_per_batch], text_ids)
 
     return train_loop(policy, batches(), lambda b: dpo_step_loss(policy, reference, b, beta), tcfg, desc="DPO")
+
+
+# ----- the experiments of notebook 08 (``python -m minicosy.train finetune``) ----------------------
+def _copy(lm: TextSpeechLM) -> TextSpeechLM:
+    twin = TextSpeechLM(lm.cfg, lm.text_vocab_size)
+    twin.load_state_dict(lm.state_dict())
+    return twin
+
+
+def preference_data(tts, records: list[dict], corpus_root: str | Path, k: int = 4, seed: int = 0) -> tuple[list[dict], dict]:
+    """DPO pairs from the current LM: for each training record, ``k`` candidates in the voice of the
+    record's own recording, ranked by pocketsphinx WER and resemblyzer similarity. Returns the
+    pairs and the candidates' score statistics."""
+    from tqdm.auto import tqdm
+
+    from .audio import load_wav
+
+    asr, judge = SphinxASR(), SpeakerEncoder()
+    scored: dict[str, list[dict]] = {}
+    for r in tqdm(records, desc="DPO candidates"):
+        wav, sr = load_wav(Path(corpus_root) / r["path"])
+        scored[r["id"]] = score_candidates(sample_candidates(tts, r["text"], (wav, sr), k, seed), r["text"], wav, sr,
+                                           asr, judge)
+    pairs = preference_pairs({key: [{k2: c[k2] for k2 in ("speech", "wer", "sim")} for c in cands]
+                              for key, cands in scored.items()})
+    wers = [c["wer"] for cands in scored.values() for c in cands]
+    gap = [p["rejected_score"][0] - p["chosen_score"][0] for p in pairs]
+    return pairs, {"texts": len(records), "candidates": len(wers), "pairs": len(pairs),
+                   "mean_wer": float(np.mean(wers)), "mean_wer_gap": float(np.mean(gap)) if gap else 0.0}
+
+
+def rl_experiment(tts, corpus_root: str | Path, tokenizer_path: str | Path, minutes: float = 3.0, texts: int = 24,
+                  k: int = 4, n_eval: int = 16, asr_weight: float = 0.1, beta: float = 0.1, lr: float = 1e-4,
+                  seed: int = 0) -> dict:
+    """Table 11 in spirit: the tiny LM as shipped, after L_ASR, after L_DPO and after both (DPO,
+    then L_ASR), each judged zero-shot on held-out sentences and voices (WER, speaker similarity)."""
+    from .data import load_manifest
+    from .eval import evaluate_tts
+    from .lm import corpus_examples
+
+    root, base = Path(corpus_root), tts.lm
+    manifest = load_manifest(root, "train")
+    en = [r for r in manifest if r["lang"] == "en" and 2.0 <= r["duration"] <= 6.0]
+    picked = [en[i] for i in np.random.default_rng(seed).choice(len(en), min(texts, len(en)), replace=False)]
+    pairs, pair_stats = preference_data(tts, picked, root, k, seed)
+    text_ids = {r["id"]: torch.tensor(tts.frontend.text_ids(r["text"]), dtype=torch.long) for r in picked}
+    examples = with_units(corpus_examples(root, ["train"], tts.frontend.text_tokenizer, tokenizer_path),
+                          {r["id"]: r for r in manifest}, tts.frontend.speech_tokenizer)
+    tcfg = TrainConfig(lr=lr, max_minutes=minutes, warmup_steps=10, seed=seed, threads=torch.get_num_threads())
+    variants, logs = {"shipped": base}, {}
+    variants["L_ASR"] = _copy(base)
+    logs["L_ASR"] = finetune_lm(variants["L_ASR"], examples, tcfg, asr=(tts.frontend.speech_tokenizer, asr_weight))
+    variants["L_DPO"] = _copy(base)
+    logs["L_DPO"] = train_dpo(variants["L_DPO"], pairs, text_ids, tcfg, beta)
+    variants["L_DPO + L_ASR"] = _copy(variants["L_DPO"])
+    logs["L_DPO + L_ASR"] = finetune_lm(variants["L_DPO + L_ASR"], examples, tcfg,
+                                        asr=(tts.frontend.speech_tokenizer, asr_weight))
+    table = {}
+    try:
+        for name, lm in variants.items():
+            tts.lm = lm.eval()
+            table[name] = evaluate_tts(tts, root, n=n_eval, modes=("offline",), seed=seed, progress=False)["offline"]
+    finally:
+        tts.lm = base
+    return {"table": table, "pairs": pair_stats, "variants": variants,
+            "curves": {name: {"steps": log.steps, "losses": log.losses} for name, log in logs.items()}}
+
+
+@torch.inference_mode()
+def tag_similarity(tts, lm: TextSpeechLM, labels: dict[str, str], texts: list[str], seed: int = 0) -> np.ndarray:
+    """CAM++ similarity (rows: the tag used, columns: each voice's mean embedding) of SFT outputs
+    whose flow gets one shared x-vector (the mean of the labelled voices'): what the tag alone
+    changes through the LM's tokens."""
+    from .rl import speaker_prompt
+
+    voices = sorted(labels)
+    table = torch.cat([normalize(tts.spk2info[v]["embedding"].reshape(1, -1).float()) for v in voices])
+    shared = normalize(table.mean(0, keepdim=True))
+    empty_token, empty_feat = torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, tts.config.flow.n_mels)
+    sims = np.zeros((len(voices), len(voices)))
+    for i, v in enumerate(voices):
+        tag = tts.frontend.text_tokenizer.encode(speaker_prompt(labels[v]), normalize=False)
+        for text in texts:
+            tokens = list(lm.inference(tts.frontend.text_ids(text), prompt_text=tag,
+                                       generator=torch.Generator().manual_seed(seed)))
+            mel = tts.flow.inference(torch.tensor([tokens]), empty_token, empty_feat, shared)
+            wav = tts.hift.inference(mel.float(), generator=torch.Generator().manual_seed(seed))[0][0].numpy()
+            emb = normalize(torch.as_tensor(tts.frontend.speaker_model.embed(wav, 24000)).reshape(1, -1).float())
+            sims[i] += (emb @ table.T)[0].numpy() / len(texts)
+    return sims
+
+
+def msft_experiment(tts, corpus_root: str | Path, tokenizer_path: str | Path, minutes: float = 3.0, lr: float = 1e-4,
+                    sentences: int = 4, seed: int = 0) -> dict:
+    """§2.7 at small scale: fine-tune the LM with ``Speaker X<|endofprompt|>`` tags on the English
+    training voices (``unknown`` for the rest), then compare :func:`tag_similarity` of the tuned
+    LM with that of the shipped LM given the same tags (which never saw them)."""
+    from .data import load_manifest
+    from .lm import corpus_examples
+    from .rl import tag_examples
+
+    root = Path(corpus_root)
+    voices = sorted({r["speaker"] for r in load_manifest(root, "train") if r["lang"] == "en"} & tts.spk2info.keys())
+    labels = msft_labels(voices)
+    train = corpus_examples(root, ["train"], tts.frontend.text_tokenizer, tokenizer_path)
+    lm = _copy(tts.lm)
+    log = finetune_lm(lm, tag_examples(train, tts.frontend.text_tokenizer, labels),
+                      TrainConfig(lr=lr, max_minutes=minutes, warmup_steps=10, seed=seed, threads=torch.get_num_threads()))
+    texts = [r["text"] for r in load_manifest(root, "test") if r["lang"] == "en"][:sentences]
+    result = {"labels": labels, "lm": lm, "curve": {"steps": log.steps, "losses": log.losses}}
+    for name, model in (("shipped", tts.lm), ("mSFT", lm)):
+        sims = tag_similarity(tts, model.eval(), labels, texts, seed)
+        off = sims[~np.eye(len(sims), dtype=bool)]
+        result[name] = {"similarity": sims.tolist(), "own": float(np.diag(sims).mean()), "other": float(off.mean())}
+    return result
+
+
+def finetune_main(argv: list[str] | None = None) -> None:
+    """``python -m minicosy.train finetune [--minutes 3] [--out data/checkpoints/finetune_results.json]``:
+    the mSFT and RL experiments on the tiny model; prints and saves their numbers."""
+    import json
+
+    from .pipeline import CosyVoice2
+    from .train import recipe_parser
+
+    p = recipe_parser("finetune", 3.0, "data/checkpoints/finetune_results.json")
+    p.add_argument("--model", default="data/checkpoints")
+    p.add_argument("--speech-tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt")
+    p.add_argument("--texts", type=int, default=24, help="training sentences that give DPO pairs")
+    p.add_argument("--k", type=int, default=4, help="candidates sampled per sentence")
+    p.add_argument("--n-eval", type=int, default=16)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    tts = CosyVoice2.from_pretrained(a.model)
+    msft = msft_experiment(tts, a.corpus, a.speech_tokenizer, a.minutes, seed=a.seed)
+    for name in ("shipped", "mSFT"):
+        print(f"{name:8s} CAM++ similarity to the tagged voice {msft[name]['own']:.3f}, to the others {msft[name]['other']:.3f}")
+    rl = rl_experiment(tts, a.corpus, a.speech_tokenizer, a.minutes, a.texts, a.k, a.n_eval, seed=a.seed)
+    print(f"DPO pairs: {rl['pairs']}")
+    for name, row in rl["table"].items():
+        print(f"{name:14s} WER {row['WER']:.3f}  SIM {row['SIM (resemblyzer)']:.3f}  SIM CAM++ {row['SIM (CAM++)']:.3f}")
+    out = {"msft": {k: v for k, v in msft.items() if k != "lm"}, "rl": {k: v for k, v in rl.items() if k != "variants"},
+           "made_by": {"minutes": a.minutes, "texts": a.texts, "k": a.k, "n_eval": a.n_eval, "seed": a.seed}}
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    print(f"-> {a.out}")

@@ -35,7 +35,8 @@ RECIPES = {"tokenizer": "minicosy.speech_tokenizer:train_main",
            "flow": "minicosy.flow:train_main",
            "hift": "minicosy.hift:train_main",
            "campplus": "minicosy.campplus:train_main",
-           "spk2info": "minicosy.campplus:spk2info_main"}
+           "spk2info": "minicosy.campplus:spk2info_main",
+           "finetune": "minicosy.finetune:finetune_main"}
 
 
 @dataclass
