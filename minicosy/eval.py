@@ -256,23 +256,28 @@ def _condition_change(condition: str, wav: np.ndarray, neutral: np.ndarray, sr: 
     """How far a rendering moved from its neutral twin the way ``condition`` asks: the speed factor
     (neutral speech duration / this one) for rate conditions, the median-F0 shift in semitones for
     pitch, and for emphasis the gain in the marked word's level over the rest (dB, against the same
-    window in the neutral rendering)."""
+    window in the neutral rendering). NaN where either rendering cannot be measured."""
     from .instruct import CONDITIONS, emphasis_contrast, median_f0, semitones, speech_duration, speech_span, word_window
 
     cond = CONDITIONS[condition]
-    if cond.emphasis:
-        gain = [emphasis_contrast(w, sr, word_window(text, word, speech_span(w, sr)))["level_db"] for w in (wav, neutral)]
-        return gain[0] - gain[1]
-    if cond.semitones:
-        return semitones(median_f0(wav, sr), median_f0(neutral, sr))
-    return speech_duration(neutral, sr) / speech_duration(wav, sr)
+    try:
+        if cond.emphasis:
+            gain = [emphasis_contrast(w, sr, word_window(text, word, speech_span(w, sr)))["level_db"] for w in (wav, neutral)]
+            return gain[0] - gain[1]
+        if cond.semitones:
+            return semitones(median_f0(wav, sr), median_f0(neutral, sr))
+        return speech_duration(neutral, sr) / speech_duration(wav, sr)
+    except ValueError:          # silent, unvoiced or too short to measure: counts as not following
+        return float("nan")
 
 
 def _right_sign(condition: str, change: float) -> bool:
-    """Whether a measured change goes the way the condition asks."""
+    """Whether a measured change goes the way the condition asks (never for NaN)."""
     from .instruct import CONDITIONS
 
     cond = CONDITIONS[condition]
+    if not np.isfinite(change):
+        return False
     if cond.emphasis:
         return change > 0
     if cond.semitones:
@@ -355,8 +360,8 @@ def evaluate_instructions(tts, corpus_root: str | Path = "data/corpus", n: int =
 
 
 def instruction_table(model: dict[str, list[float]], corpus: dict[str, list[float]] | None = None) -> str:
-    """Per condition: what is measured, the mean change and the share of trials that moved the
-    right way, for the model (and the engines' own renderings, ``corpus``)."""
+    """Per condition: what is measured, the mean change over the measurable trials and the share of
+    all trials that moved the right way, for the model (and the engines' own renderings, ``corpus``)."""
     from .instruct import CONDITIONS
 
     unit = {c: ("level gain dB" if CONDITIONS[c].emphasis else "pitch shift st" if CONDITIONS[c].semitones
@@ -366,9 +371,9 @@ def instruction_table(model: dict[str, list[float]], corpus: dict[str, list[floa
     for c, values in model.items():
         cond = CONDITIONS[c]
         asked = "louder" if cond.emphasis else f"{cond.semitones:+.0f} st" if cond.semitones else f"x{cond.rate:g}"
-        line = (f"{c:12s} {unit[c]:15s} {asked:>7s} {np.mean(values):8.2f} "
+        line = (f"{c:12s} {unit[c]:15s} {asked:>7s} {np.nanmean(values) if np.isfinite(values).any() else np.nan:8.2f} "
                 f"{np.mean([_right_sign(c, v) for v in values]):10.0%}")
         if corpus:
-            line += f" {np.mean(corpus[c]):8.2f} {np.mean([_right_sign(c, v) for v in corpus[c]]):10.0%}"
+            line += f" {np.nanmean(corpus[c]):8.2f} {np.mean([_right_sign(c, v) for v in corpus[c]]):10.0%}"
         lines.append(line)
     return "\n".join(lines)
