@@ -104,8 +104,7 @@ def train_dpo(policy: TextSpeechLM, pairs: list[dict], text_ids: dict[str, torch
     ``pairs`` (:func:`~minicosy.rl.preference_pairs`), ``pairs_per_batch`` pairs per step."""
     if not pairs:
         raise ValueError("no preference pairs: every text's candidates tied")
-    reference = TextSpeechLM(policy.cfg, policy.text_vocab_size)
-    reference.load_state_dict(policy.state_dict())
+    reference = _copy(policy)
     reference.requires_grad_(False).eval()
     rng = random.Random(tcfg.seed)
 

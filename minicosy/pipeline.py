@@ -27,12 +27,12 @@ from .config import MiniCosyConfig, get_config
 from .flow import CausalMaskedDiffWithXvec, FlowStreamer, PromptState, prompt_state
 from .frontend import Frontend, Prompt, PromptAudio
 from .hift import HiFTGenerator, VocoderStream
+from .instruct import END_OF_PROMPT
 from .lm import TextSpeechLM
 from .speech_tokenizer import SpeechTokenizer
 from .text_tokenizer import TextTokenizer
 
 TINY_DIR = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
-END_OF_PROMPT = "<|endofprompt|>"
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from .instruct import END_OF_PROMPT
 from .lm import IGNORE_ID, TextSpeechLM
 from .speech_tokenizer import SpeechTokenizer
 
@@ -56,7 +57,7 @@ def speaker_prompt(speaker: str | None = None) -> str:
     labelled speaker, ``"unknown<|endofprompt|>"`` otherwise."""
     if speaker is not None and (not isinstance(speaker, str) or not speaker.strip() or "<|" in speaker):
         raise ValueError(f"a speaker label must be a non-empty string without special tokens, got {speaker!r}")
-    return f"{speaker.strip() if speaker else 'unknown'}<|endofprompt|>"
+    return f"{speaker.strip() if speaker else 'unknown'}{END_OF_PROMPT}"
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
