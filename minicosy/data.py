@@ -283,10 +283,11 @@ def load_manifest(root: str | Path = "data/corpus", split: str | None = None) ->
 
 def checkpoint_cache(corpus_root: str | Path, checkpoint: str | Path, key: str, compute: Callable[[], dict]) -> dict:
     """A per-utterance table made by a model checkpoint (``compute()``), cached in
-    ``<corpus>/cache/<key>_<checkpoint stem>.pt`` and recomputed when the checkpoint's mtime changes."""
+    ``<corpus>/cache/<key>_<checkpoint stem>.pt`` and recomputed when the checkpoint's content
+    changes (its SHA-256, so that a fresh clone or a copied folder keeps a valid cache)."""
     checkpoint = Path(checkpoint)
     cache = Path(corpus_root) / "cache" / f"{key}_{checkpoint.stem}.pt"
-    stamp = checkpoint.stat().st_mtime
+    stamp = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     if cache.exists():
         cached = torch.load(cache, weights_only=True)
         if cached.get("stamp") == stamp:

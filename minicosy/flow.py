@@ -551,7 +551,7 @@ def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", re
                tokenizer: str | Path = "data/checkpoints/speech_tokenizer_fsq.pt",
                speaker_model: str | Path = "data/checkpoints/campplus_tiny.pt", batch_size: int = 12,
                max_tokens: int = 100, eval_utterances: int = 16, seed: int = 0,
-               threads: int = 2) -> tuple[CausalMaskedDiffWithXvec, dict]:
+               threads: int = 2, device: str = "cpu") -> tuple[CausalMaskedDiffWithXvec, dict]:
     """Train the flow on the corpus' train split with ``recipe`` ("paper" or "official", see the
     module docstring); report the mel L1 per mask on dev + test sentences and on the held-out
     voices; save."""
@@ -561,7 +561,7 @@ def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", re
             for name, splits in (("train", ("train",)), ("dev_test", ("dev", "test")), ("heldout", ("heldout",)))}
     flow = CausalMaskedDiffWithXvec(cfg)
     tcfg = TrainConfig(lr=1e-3, warmup_steps=100, max_minutes=minutes, seed=seed, threads=threads,
-                       batch_seconds=batch_size * max_tokens / 25)
+                       batch_seconds=batch_size * max_tokens / 25, device=device)
     g = torch.Generator().manual_seed(seed)
     batches = random_batches(data["train"], batch_size, max_tokens, np.random.default_rng(seed))
     log = train_loop(flow, batches, lambda b: flow(b["token"], b["token_len"], b["feat"], b["embedding"], g)["loss"],
@@ -580,7 +580,7 @@ def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", re
 
 def train_main(argv: list[str] | None = None) -> None:
     """``python -m minicosy.train flow [--recipe paper|official] [--minutes 8] [--out PATH]``."""
-    p = recipe_parser("flow", 8.0, "data/checkpoints/flow_tiny.pt")
+    p = recipe_parser("flow", 8.0, "data/checkpoints/flow_tiny.pt", device=True)
     p.add_argument("--recipe", choices=["paper", "official"], default="paper")
     p.add_argument("--tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt")
     p.add_argument("--speaker-model", default="data/checkpoints/campplus_tiny.pt")
@@ -589,4 +589,4 @@ def train_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     train_flow(a.corpus, recipe=a.recipe, minutes=a.minutes, out=a.out, tokenizer=a.tokenizer,
                speaker_model=a.speaker_model, batch_size=a.batch_size, max_tokens=a.max_tokens, seed=a.seed,
-               threads=a.threads)
+               threads=a.threads, device=a.device)

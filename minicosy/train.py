@@ -55,6 +55,7 @@ class TrainConfig:
     threads: int = 2
     log_every: int = 25
     validate_minutes: float = 0.0    # > 0: validate this often, keep the best weights (early stopping)
+    device: str = "cpu"              # where the steps run; the model comes back on the CPU
 
 
 @dataclass
@@ -102,6 +103,8 @@ def distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         backend = os.environ.get("MINICOSY_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if dist.get_rank() != 0:
             sys.stdout = open(os.devnull, "w")
     return dist.get_rank(), dist.get_world_size()
@@ -124,10 +127,24 @@ class _Loss(torch.nn.Module):
         return self.loss_fn(batch)
 
 
+def to_device(batch: object, device: torch.device | str) -> object:
+    """``batch`` with every tensor in it (nested dicts, lists, tuples) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[object], torch.Tensor],
                cfg: TrainConfig, desc: str = "training", validate: Callable[[], float] | None = None) -> TrainLog:
     """Optimise ``loss_fn(batch)`` until ``max_steps`` or ``max_minutes``, whichever comes first;
     the learning-rate schedule follows whichever budget runs out first (:func:`lr_factor`).
+
+    The steps run on ``cfg.device`` (batches are moved there); the model is handed back on the
+    CPU, where the recipes evaluate and save, and ``validate`` sees it there too.
 
     With ``validate`` (a held-out score, lower is better) and ``cfg.validate_minutes`` > 0, the
     score is taken that often and at the end, and the model ends with the best weights seen
@@ -141,11 +158,14 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
 
     torch.set_num_threads(cfg.threads)
     rank, world = distributed()
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    model.to(device)
     step_fn: torch.nn.Module = _Loss(model, loss_fn)
     if world > 1:
-        on_gpu = next(model.parameters()).is_cuda
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=True,
-                                                            device_ids=[torch.cuda.current_device()] if on_gpu else None)
+                                                            device_ids=[device] if device.type == "cuda" else None)
     opt = make_optimizer(model, cfg)
     log, start = TrainLog(), time.time()
     model.train()
@@ -154,8 +174,9 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
 
     def check(step: int) -> None:
         nonlocal best
+        model.cpu()
         score = validate()
-        model.train()
+        model.to(device).train()
         log.extra.setdefault("validation", []).append([step, round(time.time() - start, 1), round(score, 4)])
         if best is None or score < best[0]:
             best = (score, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -163,7 +184,7 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
 
     def agreed(*values: float) -> list[float]:
         """Rank 0's values on every rank (stop, validate: decided once for all)."""
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=device if dist.is_initialized() else "cpu")
         if world > 1:
             dist.broadcast(t, 0)
         return t.tolist()
@@ -179,7 +200,7 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
             next_check += cfg.validate_minutes * 60
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, progress, cfg)
-        local = [next(batches) for _ in range(world)][rank]
+        local = to_device([next(batches) for _ in range(world)][rank], device)
         loss = step_fn(local)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,7 +221,7 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
         model.load_state_dict(best[2])
         log.extra["best_step"], log.extra["best_validation"] = best[1], round(best[0], 4)
     bar.close()
-    model.eval()
+    model.cpu().eval()
     log.seconds = round(time.time() - start, 1)
     return log
 
@@ -272,15 +293,18 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def recipe_parser(name: str, minutes: float, out: str | None) -> argparse.ArgumentParser:
+def recipe_parser(name: str, minutes: float, out: str | None, device: bool = False) -> argparse.ArgumentParser:
     """The options every recipe shares: ``--minutes``, ``--corpus``, ``--out``, ``--seed`` and
-    ``--threads`` (default ``$MINICOSY_THREADS`` or 2)."""
+    ``--threads`` (default ``$MINICOSY_THREADS`` or 2); with ``device``, ``--device`` too (for the
+    recipes whose steps have been run on a GPU: ``TrainConfig.device``)."""
     p = argparse.ArgumentParser(prog=f"python -m minicosy.train {name}")
     p.add_argument("--minutes", type=float, default=minutes, help="training time budget")
     p.add_argument("--corpus", default="data/corpus")
     p.add_argument("--out", default=out)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=int(os.environ.get("MINICOSY_THREADS", 2)))
+    if device:
+        p.add_argument("--device", default="cpu", help="where the training steps run (cpu, cuda)")
     return p
 
 
