@@ -245,7 +245,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         if not finalize and token.shape[1] <= look:
             raise ValueError(f"finalize=False needs more than pre_lookahead_len={look} tokens, got {token.shape[1]}")
         device = self.input_embedding.weight.device
-        tokens = torch.cat([prompt_token, token], dim=1).to(device)
+        tokens = torch.cat([prompt_token.to(device), token.to(device)], dim=1)
         x = self.embed_tokens(tokens, torch.tensor([tokens.shape[1]], device=device))
         context = None
         if not finalize:

@@ -1,0 +1,70 @@
+"""The GPU path (issue: "device='cuda' by argument; everything works with no GPU"): the same
+modules on CUDA give the CPU's numbers, the pipeline runs end to end there, and a training step
+runs there. Skipped where no CUDA device is present (as in CI); run on a lent GPU machine."""
+import numpy as np
+import pytest
+import torch
+
+from minicosy.flow import FlowStreamer
+from minicosy.pipeline import CosyVoice2
+from minicosy.train import TrainConfig, train_loop
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return CosyVoice2.from_pretrained("tiny"), CosyVoice2.from_pretrained("tiny", device="cuda")
+
+
+def _prompt(g: torch.Generator, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.randint(0, 6561, (1, 30), generator=g).to(device), torch.randn(1, 60, 80, generator=g).to(device) - 5,
+            torch.randn(1, 192, generator=g).to(device))
+
+
+def test_flow_and_vocoder_match_the_cpu(tiny):
+    cpu, gpu = tiny
+    g = torch.Generator().manual_seed(0)
+    token = torch.randint(0, 6561, (1, 40), generator=g)
+    prompt = _prompt(g, "cpu")
+    mel_cpu = cpu.flow.inference(token, *prompt)                       # the official fixed noise
+    mel_gpu = gpu.flow.inference(token, *(p.cuda() for p in prompt))   # CPU tokens are moved in
+    torch.testing.assert_close(mel_gpu.cpu(), mel_cpu, atol=2e-2, rtol=1e-2)
+    with torch.inference_mode():
+        f0_cpu, f0_gpu = cpu.hift.f0_predictor(mel_cpu), gpu.hift.f0_predictor(mel_cpu.cuda())
+    torch.testing.assert_close(f0_gpu.cpu(), f0_cpu, atol=1e-2, rtol=1e-2)
+
+
+def test_incremental_streaming_on_the_gpu_matches_recompute(tiny):
+    flow = tiny[1].flow
+    g = torch.Generator().manual_seed(1)
+    token, prompt = torch.randint(0, 6561, (1, 90), generator=g), _prompt(g, "cuda")
+    mels = []
+    for incremental in (False, True):
+        s = FlowStreamer(flow, *prompt, incremental=incremental)
+        mels.append(s.chunk(token))
+    torch.testing.assert_close(mels[1], mels[0], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pipeline_runs_on_the_gpu(tiny, stream):
+    t = np.arange(24000 * 2) / 24000
+    vowel = 0.3 * np.sin(2 * np.pi * 140 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    outs = list(tiny[1].inference_cross_lingual("The park is green.", (vowel, 24000), stream=stream, seed=0))
+    speech = torch.cat([o["tts_speech"] for o in outs], dim=1)
+    assert speech.device.type == "cpu" and speech.shape[1] > 2400 and torch.isfinite(speech).all()
+
+
+def test_training_steps_run_on_the_gpu_and_hand_the_model_back():
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    log = train_loop(model, iter([(x, y)] * 5), lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1]),
+                     TrainConfig(max_steps=5, warmup_steps=1, log_every=1, device="cuda"))
+    assert len(log.losses) == 5 and next(model.parameters()).device.type == "cpu"
+
+
+def test_half_precision_pipeline_runs_on_the_gpu():
+    tts = CosyVoice2.from_pretrained("tiny", device="cuda", dtype=torch.float16)
+    t = np.arange(24000 * 2) / 24000
+    outs = list(tts.inference_cross_lingual("A short test.", (0.3 * np.sin(2 * np.pi * 150 * t), 24000), seed=0))
+    assert all(torch.isfinite(o["tts_speech"]).all() for o in outs)
