@@ -45,8 +45,9 @@ from tqdm.auto import tqdm
 from .audio import load_wav, mel_spectrogram
 from .config import FeatureConfig, HiFTConfig, get_config
 from .data import load_manifest
-from .train import (TrainConfig, TrainLog, load_checkpoint, load_state_dict_checked, lr_factor, make_optimizer, recipe_parser,
-                    save_checkpoint, seed_everything)
+from .train import (TrainConfig, TrainLog, average_gradients, broadcast_parameters, from_main, is_main_process,
+                    load_checkpoint, load_state_dict_checked, local_batch, lr_factor, make_optimizer, mean_over_ranks,
+                    recipe_parser, save_checkpoint, seed_everything)
 
 
 class Snake(nn.Module):
@@ -501,22 +502,28 @@ def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", mi
                threads: int = 2) -> tuple[HiFTGenerator, TrainLog]:
     """Train HiFT on the corpus' train split: 45·mel L1 + MR-STFT + F0 L1 (Hz/100) throughout, LSGAN
     + 2·feature matching once ``gan_after`` of the time budget has passed; AdamW (0.8, 0.99), warm-up
-    + cosine. Saves the generator (float16) with its loss curve."""
+    + cosine. Saves the generator (float16) with its loss curve.
+
+    Under ``torchrun`` each rank takes its share of every step's batches and the two networks'
+    gradients are averaged over ranks by hand (:func:`~minicosy.train.average_gradients`: the
+    discriminator runs several times per step, which DistributedDataParallel's hooks do not allow)."""
     seed_everything(seed)
     torch.set_num_threads(threads)
     records = corpus_f0(corpus_root, "train")
     gen, disc = HiFTGenerator(get_config(preset).hift), Discriminator()
+    broadcast_parameters(gen, disc)
     tcfg = TrainConfig(lr=1e-3, betas=(0.8, 0.99), max_minutes=minutes, warmup_steps=100, seed=seed,
                        threads=threads, grad_clip=10.0)
     opt_g, opt_d = make_optimizer(gen, tcfg), make_optimizer(disc, tcfg)
     batches = random_segments(records, corpus_root, batch_size, np.random.default_rng(seed))
-    log, start, step, bar = TrainLog(extra={"gan_from_step": None}), time.time(), 0, tqdm(desc="HiFT", unit="step")
+    log, start, step = TrainLog(extra={"gan_from_step": None}), time.time(), 0
+    bar = tqdm(desc="HiFT", unit="step", disable=not is_main_process())
     gen.train()
-    while (progress := (time.time() - start) / (60 * minutes)) < 1.0:
+    while (progress := from_main((time.time() - start) / (60 * minutes))[0]) < 1.0:
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
                 group["lr"] = tcfg.lr * lr_factor(step, progress, tcfg)
-        wav, mel, f0 = next(batches)
+        wav, mel, f0 = local_batch(batches)
         fake, f0_pred = gen(mel)
         gan = progress >= gan_after
         if gan:
@@ -524,6 +531,7 @@ def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", mi
             d_loss = discriminator_loss(disc(wav), disc(fake.detach()))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
+            average_gradients(disc)
             torch.nn.utils.clip_grad_norm_(disc.parameters(), tcfg.grad_clip)
             opt_d.step()
         losses = {"mel": mel_l1(fake, wav), "stft": mr_stft_distance(fake, wav), "f0": F.l1_loss(f0_pred, f0) / 100}
@@ -535,13 +543,14 @@ def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", mi
             g_loss = g_loss + losses["adv"] + 2 * losses["fm"]
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
+        average_gradients(gen)
         torch.nn.utils.clip_grad_norm_(gen.parameters(), tcfg.grad_clip)
         opt_g.step()
         if step % tcfg.log_every == 0:
             log.steps.append(step)
-            log.losses.append(round(g_loss.item(), 4))
+            log.losses.append(round(mean_over_ranks(g_loss.detach().clone()).item(), 4))
             for k, v in losses.items():
-                log.extra.setdefault(k, []).append(round(v.item(), 4))
+                log.extra.setdefault(k, []).append(round(mean_over_ranks(v.detach().clone()).item(), 4))
             bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
         bar.update(1)
         step += 1
@@ -601,5 +610,7 @@ def train_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     model, _ = train_hift(a.corpus, minutes=a.minutes, gan_after=a.gan_after, out=a.out, seed=a.seed,
                           threads=a.threads)
+    if not is_main_process():
+        return
     for name, m in compare_with_griffin_lim(model, [r["wav"] for r in heldout_audio(a.corpus)]).items():
         print(f"{name:12s} mel L1 {m['mel_l1']:.3f}  MR-STFT {m['mr_stft']:.3f}")

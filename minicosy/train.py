@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 RECIPES = {"tokenizer": "minicosy.speech_tokenizer:train_main",
@@ -95,8 +96,6 @@ def distributed() -> tuple[int, int]:
     """(rank, world size). Under ``torchrun`` (``WORLD_SIZE`` > 1) the first call joins the process
     group (gloo on CPU, nccl when CUDA is available and ``MINICOSY_BACKEND`` does not say otherwise)
     and silences the other ranks' printing, so that a recipe's report appears once."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -113,6 +112,53 @@ def distributed() -> tuple[int, int]:
 def is_main_process() -> bool:
     """Rank 0 (or no ``torchrun``): the process that logs and writes checkpoints."""
     return distributed()[0] == 0
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def from_main(*values: float) -> list[float]:
+    """Rank 0's ``values`` on every rank, so that decisions taken from the clock (stop, validate,
+    start the GAN) are taken once for all ranks."""
+    if distributed()[1] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.broadcast(t, 0)
+    return t.tolist()
+
+
+def local_batch(batches: Iterator) -> object:
+    """This rank's share of one step: every rank draws the same ``world`` batches from its own copy
+    of the (identically seeded) batch stream and keeps the one with its rank's index."""
+    rank, world = distributed()
+    return [next(batches) for _ in range(world)][rank]
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """``value`` averaged over the ranks (in place; unchanged in a single process)."""
+    world = distributed()[1]
+    if world > 1:
+        dist.all_reduce(value)
+        value /= world
+    return value
+
+
+def broadcast_parameters(*modules: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (replicas start identical)."""
+    if distributed()[1] > 1:
+        for module in modules:
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, 0)
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Data parallelism by hand, what DistributedDataParallel does inside its backward: each
+    gradient becomes the mean over ranks, so identical replicas take identical steps. For loops
+    with several forward passes per step (the GAN vocoder's), where DDP's hooks do not fit."""
+    for p in module.parameters():
+        if p.grad is not None:
+            mean_over_ranks(p.grad)
 
 
 class _Loss(torch.nn.Module):
@@ -154,8 +200,6 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
     same batch sequence and takes its share of each step's ``world`` batches, so one step sees a
     global batch of ``world`` batches; rank 0 decides when to stop and validate, and logs the
     loss averaged over ranks."""
-    import torch.distributed as dist
-
     torch.set_num_threads(cfg.threads)
     rank, world = distributed()
     device = torch.device(cfg.device)
@@ -182,17 +226,10 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
             best = (score, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
         bar.set_postfix(val=f"{score:.3g}")
 
-    def agreed(*values: float) -> list[float]:
-        """Rank 0's values on every rank (stop, validate: decided once for all)."""
-        t = torch.tensor(values, dtype=torch.float64, device=device if dist.is_initialized() else "cpu")
-        if world > 1:
-            dist.broadcast(t, 0)
-        return t.tolist()
-
     for step in range(cfg.max_steps):
         elapsed = time.time() - start
-        progress, due = agreed(max(step / cfg.max_steps, elapsed / (60 * cfg.max_minutes)),
-                               float(validate is not None and cfg.validate_minutes > 0 and elapsed >= next_check))
+        progress, due = from_main(max(step / cfg.max_steps, elapsed / (60 * cfg.max_minutes)),
+                                  float(validate is not None and cfg.validate_minutes > 0 and elapsed >= next_check))
         if progress >= 1.0:
             break
         if due:
@@ -200,16 +237,13 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
             next_check += cfg.validate_minutes * 60
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, progress, cfg)
-        local = to_device([next(batches) for _ in range(world)][rank], device)
+        local = to_device(local_batch(batches), device)
         loss = step_fn(local)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        value = loss.detach().float()
-        if world > 1:
-            dist.all_reduce(value)
-            value /= world
+        value = mean_over_ranks(loss.detach().float())
         running = value.item() if running is None else 0.95 * running + 0.05 * value.item()
         if step % cfg.log_every == 0:
             log.steps.append(step)
