@@ -239,7 +239,7 @@ def finetune_main(argv: list[str] | None = None) -> None:
     import json
 
     from .pipeline import CosyVoice2
-    from .train import recipe_parser
+    from .train import is_main_process, provenance, recipe_parser
 
     p = recipe_parser("finetune", 3.0, "data/checkpoints/finetune_results.json")
     p.add_argument("--model", default="data/checkpoints")
@@ -258,6 +258,8 @@ def finetune_main(argv: list[str] | None = None) -> None:
     for name, row in rl["table"].items():
         print(f"{name:14s} WER {row['WER']:.3f}  SIM {row['SIM (resemblyzer)']:.3f}  SIM CAM++ {row['SIM (CAM++)']:.3f}")
     out = {"msft": {k: v for k, v in msft.items() if k != "lm"}, "rl": {k: v for k, v in rl.items() if k != "variants"},
-           "made_by": {"minutes": a.minutes, "texts": a.texts, "k": a.k, "n_eval": a.n_eval, "seed": a.seed}}
-    Path(a.out).write_text(json.dumps(out, indent=1))
-    print(f"-> {a.out}")
+           "made_by": {**provenance(), "minutes": a.minutes, "texts": a.texts,
+                       "k": a.k, "n_eval": a.n_eval, "seed": a.seed}}
+    if is_main_process():
+        Path(a.out).write_text(json.dumps(out, indent=1))
+        print(f"-> {a.out}")

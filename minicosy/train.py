@@ -276,6 +276,11 @@ def _command() -> str:
     return " ".join([script.name, *sys.argv[1:]])
 
 
+def provenance() -> dict[str, str]:
+    """How a result was made: the command line (no machine paths) and the git commit."""
+    return {"command": _command(), "commit": _git_commit()}
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_config: dict, train_cfg: TrainConfig,
                     log: TrainLog, **extra) -> Path:
     """Weights + everything needed to rebuild the model + how it was made (command, config, time,
@@ -287,11 +292,10 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_config: dict
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "model_config": model_config, "train_config": asdict(train_cfg),
-                "log": asdict(log), "made_by": {"command": _command(), "commit": _git_commit(),
-                                                 "torch": torch.__version__}, **extra}, path)
+                "log": asdict(log), "made_by": {**provenance(), "torch": torch.__version__}, **extra}, path)
     card = {"file": path.name, "model_config": model_config, "train_config": asdict(train_cfg),
             "train_seconds": log.seconds, "final_loss": log.losses[-1] if log.losses else None,
-            "made_by": {"command": _command(), "commit": _git_commit()},
+            "made_by": provenance(),
             **{k: v for k, v in extra.items() if isinstance(v, (int, float, str, dict, list))}}
     path.with_suffix(".json").write_text(json.dumps(card, indent=1, ensure_ascii=False))
     return path
