@@ -525,7 +525,7 @@ def train_main(argv: list[str] | None = None) -> None:
     """``python -m minicosy.train lm [--minutes 12] [--out data/checkpoints/lm_tiny.pt]``: the tiny
     LM on the corpus' train split and the instruct sub-corpus (§2.6); held-out accuracy/perplexity
     on dev + test, which also picks the weights kept (checked every ``--validate-minutes``)."""
-    p = recipe_parser("lm", 12.0, "data/checkpoints/lm_tiny.pt")
+    p = recipe_parser("lm", 12.0, "data/checkpoints/lm_tiny.pt", device=True)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--speech-tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt")
     p.add_argument("--text-tokenizer", default="data/checkpoints/text_tokenizer")
@@ -547,5 +547,5 @@ def train_main(argv: list[str] | None = None) -> None:
         train += corpus_examples(instruct, ["train"], tok, a.speech_tokenizer) * a.instruct_repeat
     held = corpus_examples(a.corpus, ["dev", "test"], tok, a.speech_tokenizer)
     tcfg = TrainConfig(lr=a.lr, max_minutes=a.minutes, seed=a.seed, warmup_steps=50, threads=threads,
-                       validate_minutes=a.validate_minutes)
+                       validate_minutes=a.validate_minutes, device=a.device)
     train_lm(train, held, get_config(a.preset).lm, len(tok), tcfg, a.max_rows, a.out)

@@ -330,14 +330,14 @@ def corpus_tokens(corpus_root: str | Path = "data/corpus",
 
 def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "fsq", preset: str = "tiny",
                     minutes: float = 8.0, out: str | Path | None = None, seed: int = 0,
-                    threads: int = 2) -> tuple[SpeechTokenizer, dict]:
+                    threads: int = 2, device: str = "cpu") -> tuple[SpeechTokenizer, dict]:
     """Train the tiny tokenizer on the corpus' train split; evaluate on dev + test; save."""
     seed_everything(seed)
     train = load_features(corpus_root, "train")
     held = load_features(corpus_root, "dev") + load_features(corpus_root, "test")
     model = SpeechTokenizer(get_config(preset).speech_tokenizer, build_vocab(train), quantizer)
     tcfg = TrainConfig(lr=3e-4, max_minutes=minutes, seed=seed, warmup_steps=100, threads=threads,
-                       batch_seconds=30.0)
+                       batch_seconds=30.0, device=device)
     batches = length_batches(train, batch_frames=int(tcfg.batch_seconds * 100), rng=np.random.default_rng(seed))
     start = time.time()
 
@@ -355,11 +355,11 @@ def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "f
 
 def train_main(argv: list[str] | None = None) -> None:
     """``python -m minicosy.train tokenizer [--quantizer fsq|vq] [--minutes 8] [--out PATH]``."""
-    p = recipe_parser("tokenizer", 8.0, None)       # --out default: speech_tokenizer_<quantizer>.pt
+    p = recipe_parser("tokenizer", 8.0, None, device=True)   # --out default: speech_tokenizer_<quantizer>.pt
     p.add_argument("--quantizer", choices=["fsq", "vq"], default="fsq")
     a = p.parse_args(argv)
     out = a.out or f"data/checkpoints/speech_tokenizer_{a.quantizer}.pt"
-    train_tokenizer(a.corpus, a.quantizer, minutes=a.minutes, out=out, seed=a.seed, threads=a.threads)
+    train_tokenizer(a.corpus, a.quantizer, minutes=a.minutes, out=out, seed=a.seed, threads=a.threads, device=a.device)
 
 
 # ---------------------------------------------------------------------------------------------

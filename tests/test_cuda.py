@@ -7,7 +7,7 @@ import torch
 
 from minicosy.flow import FlowStreamer
 from minicosy.pipeline import CosyVoice2
-from minicosy.train import TrainConfig, train_loop
+from minicosy.train import TrainConfig, to_device, train_loop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -68,3 +68,42 @@ def test_half_precision_pipeline_runs_on_the_gpu():
     t = np.arange(24000 * 2) / 24000
     outs = list(tts.inference_cross_lingual("A short test.", (0.3 * np.sin(2 * np.pi * 150 * t), 24000), seed=0))
     assert all(torch.isfinite(o["tts_speech"]).all() for o in outs)
+
+
+def _same_loss_on_both_devices(model: torch.nn.Module, loss_fn, batch: dict) -> None:
+    """One loss on the CPU and on the GPU (eval mode: no dropout), then two training steps there."""
+    model.eval()
+    with torch.no_grad():
+        cpu = float(loss_fn(model, batch))
+        model.cuda()
+        gpu = float(loss_fn(model, to_device(batch, "cuda")))
+    assert abs(cpu - gpu) <= 1e-3 * max(1.0, abs(cpu)), (cpu, gpu)
+    model.cpu()
+    log = train_loop(model, iter([batch] * 2), lambda b: loss_fn(model, b),
+                     TrainConfig(max_steps=2, warmup_steps=1, log_every=1, device="cuda"))
+    assert len(log.losses) == 2 and np.isfinite(log.losses).all()
+
+
+def test_speech_tokenizer_recipe_steps_on_the_gpu():
+    from minicosy.config import get_config
+    from minicosy.speech_tokenizer import SpeechTokenizer, build_vocab, collate, ctc_loss
+
+    g = torch.Generator().manual_seed(0)
+    items = [{"mel": torch.randn(128, 300, generator=g), "text": t, "lang": "en"}
+             for t in ("we walk to the park", "the lamp is on the shelf")]
+    vocab = build_vocab(items)
+    _same_loss_on_both_devices(SpeechTokenizer(get_config("tiny").speech_tokenizer, vocab, "fsq"), ctc_loss,
+                               collate(items, vocab))
+
+
+def test_lm_recipe_steps_on_the_gpu():
+    import random
+
+    from minicosy.config import get_config
+    from minicosy.lm import TextSpeechLM, collate_lm
+
+    g = torch.Generator().manual_seed(0)
+    items = [{"text": torch.randint(0, 500, (n,), generator=g), "speech": torch.randint(0, 6561, (4 * n,), generator=g)}
+             for n in (7, 11)]
+    lm = TextSpeechLM(get_config("tiny").lm, 2000)
+    _same_loss_on_both_devices(lm, lambda m, b: m(**b, rng=random.Random(0))["loss"], collate_lm(items))
