@@ -218,21 +218,20 @@ STAGES = ("corpus audio", "Griffin-Lim on the true mel", "HiFT on the true mel",
 
 
 @torch.inference_mode()
-def stage_wer(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0) -> dict[str, float]:
-    """Where intelligibility is lost: pocketsphinx's WER on :func:`synthesis_trials` after each
-    stage, from the recordings themselves, through each vocoder on their true mel and the flow on
-    their true speech tokens, to the whole zero-shot pipeline (the LM's own tokens)."""
+def stage_outputs(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0
+                  ) -> Iterator[tuple[dict, list[np.ndarray]]]:
+    """Per :func:`synthesis_trials` trial, its target record and the audio after each of
+    :data:`STAGES`: the recording itself, each vocoder on its true mel, the flow on its true speech
+    tokens (in the prompt's voice) + HiFT, and the whole zero-shot pipeline (the LM's own tokens)."""
     from .audio import load_wav, mel_spectrogram
     from .hift import griffin_lim
 
-    root, asr, sr = Path(corpus_root), SphinxASR(), tts.sample_rate
+    root, sr = Path(corpus_root), tts.sample_rate
 
     def vocode(mel: torch.Tensor) -> np.ndarray:
         generator = torch.Generator(tts.device).manual_seed(seed)
         return tts.hift.inference(mel.float().to(tts.device), generator=generator)[0][0].cpu().numpy()
 
-    refs: list[str] = []
-    hyps: dict[str, list[str]] = {stage: [] for stage in STAGES}
     for trial in synthesis_trials(root, n):
         target, prompt_rec = trial["target"], trial["prompt"]
         wav, _ = load_wav(root / target["path"], sr)
@@ -241,13 +240,38 @@ def stage_wer(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: in
         tokens = torch.as_tensor(tts.frontend.speech_tokenizer.tokenize(wav, sr)).long().reshape(1, -1)
         flow_mel = tts.flow.inference(tokens.to(tts.device), prompt.speech_token.to(tts.device),
                                       prompt.speech_feat.to(tts.device, tts.dtype), prompt.embedding.to(tts.device, tts.dtype))
-        outputs = [wav, griffin_lim(mel).numpy(), vocode(mel[None]), vocode(flow_mel),
-                   join_speech(tts.inference_zero_shot(target["text"], prompt_rec["text"], str(root / prompt_rec["path"]),
-                                                       seed=seed))[0].numpy()]
+        yield target, [wav, griffin_lim(mel).numpy(), vocode(mel[None]), vocode(flow_mel),
+                       join_speech(tts.inference_zero_shot(target["text"], prompt_rec["text"],
+                                                           str(root / prompt_rec["path"]), seed=seed))[0].numpy()]
+
+
+def stage_wer(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0) -> dict[str, float]:
+    """Where intelligibility is lost: pocketsphinx's WER after each of :func:`stage_outputs`'s stages."""
+    asr, refs = SphinxASR(), []
+    hyps: dict[str, list[str]] = {stage: [] for stage in STAGES}
+    for target, outputs in stage_outputs(tts, corpus_root, n, seed):
         refs.append(target["text"])
         for stage, audio in zip(STAGES, outputs):
-            hyps[stage].append(asr.transcribe(audio, sr))
+            hyps[stage].append(asr.transcribe(audio, tts.sample_rate))
     return {stage: error_rate(refs, h, "en") for stage, h in hyps.items()}
+
+
+def stage_unit_error(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0) -> dict[str, float]:
+    """What the speech tokens carry through each stage: the unit error of the speech tokenizer's own
+    ASR head (§2.2) reading each of :func:`stage_outputs`'s outputs. On the recordings it is the
+    tokens' own loss; a stage that keeps what the tokens say stays near it."""
+    from .speech_tokenizer import transcript, unit_error_rate
+
+    tokenizer, refs = tts.frontend.speech_tokenizer, []
+    if not hasattr(tokenizer, "read_units"):
+        raise ValueError("stage_unit_error needs minicosy's own speech tokenizer and its ASR head; "
+                         "the official ONNX tokenizer has no ASR head")
+    hyps: dict[str, list[list[str]]] = {stage: [] for stage in STAGES}
+    for target, outputs in stage_outputs(tts, corpus_root, n, seed):
+        refs.append(transcript(target["text"], target["lang"]))
+        for stage, audio in zip(STAGES, outputs):
+            hyps[stage].append(tokenizer.read_units(audio, tts.sample_rate))
+    return {stage: unit_error_rate(refs, h) for stage, h in hyps.items()}
 
 
 # ---- instruction following (§4.5's MOS-I and Table 10, measured instead of rated) ----------------

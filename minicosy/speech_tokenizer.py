@@ -154,17 +154,29 @@ class SpeechTokenizer(nn.Module):
             post = block(post, pad)
         return self.ctc_head(self.ln_post(post)).log_softmax(-1)
 
-    @torch.no_grad()
-    def tokenize(self, wav: np.ndarray | torch.Tensor, sr: int) -> torch.Tensor:
-        """Speech tokens of one waveform at exactly 25 per second (see the module's length rule)."""
+    @staticmethod
+    def _mel(wav: np.ndarray | torch.Tensor, sr: int) -> torch.Tensor:
+        """Whisper log-mel (1, 128, frames) of one waveform, padded to whole tokens."""
         wav = np.asarray(wav, dtype=np.float32).reshape(-1)
         wav = resample(wav, sr, 16000)
         if wav.size == 0 or float(np.abs(wav).max()) < 1e-5:
             raise ValueError("cannot tokenise empty or silent audio")
         wav = np.pad(wav, (0, num_tokens(wav.size) * SAMPLES_PER_TOKEN - wav.size))
-        mel = whisper_log_mel(torch.from_numpy(wav)).unsqueeze(0)
+        return whisper_log_mel(torch.from_numpy(wav)).unsqueeze(0)
+
+    @torch.no_grad()
+    def tokenize(self, wav: np.ndarray | torch.Tensor, sr: int) -> torch.Tensor:
+        """Speech tokens of one waveform at exactly 25 per second (see the module's length rule)."""
+        mel = self._mel(wav, sr)
         pre, _ = self.encode(mel, torch.tensor([mel.shape[-1]]))
         return self.quantizer(self.ln_quant(pre))[1][0]
+
+    @torch.no_grad()
+    def read_units(self, wav: np.ndarray | torch.Tensor, sr: int) -> list[str]:
+        """The reading units the ASR head hears in one waveform, through the quantised tokens."""
+        mel = self._mel(wav, sr)
+        out = self(mel, torch.tensor([mel.shape[-1]]))
+        return self.greedy_transcripts(out["log_probs"], out["lengths"])[0]
 
     def greedy_transcripts(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[str]]:
         """CTC greedy decoding: best id per frame, merge repeats, drop blanks; lists of units."""

@@ -3,7 +3,8 @@ import soundfile as sf
 import pytest
 
 from minicosy.__main__ import main
-from minicosy.eval import STAGES, EVAL_MODES, _word_stream, evaluate_tts, format_table, stage_wer, synthesis_trials
+from minicosy.eval import (STAGES, EVAL_MODES, _word_stream, evaluate_tts, format_table, stage_unit_error, stage_wer,
+                           synthesis_trials)
 from minicosy.pipeline import CosyVoice2
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -34,6 +35,12 @@ def test_stage_wer_follows_the_pipeline_stage_by_stage(corpus_root):
     wer = stage_wer(CosyVoice2.from_pretrained("tiny"), corpus_root, n=1)
     assert tuple(wer) == STAGES and all(v >= 0 for v in wer.values())
     assert wer["corpus audio"] < 0.8
+
+
+def test_stage_unit_error_reads_each_stage_with_the_tokenizers_asr_head(corpus_root):
+    errors = stage_unit_error(CosyVoice2.from_pretrained("tiny"), corpus_root, n=1)
+    assert tuple(errors) == STAGES and all(v >= 0 for v in errors.values())
+    assert errors["corpus audio"] < 0.9          # an untrained head gets about all units wrong
 
 
 def test_tts_command_writes_a_wav_and_prints_latencies(corpus_root, tmp_path, capsys):
