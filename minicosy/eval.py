@@ -227,11 +227,6 @@ def stage_outputs(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed
     from .hift import griffin_lim
 
     root, sr = Path(corpus_root), tts.sample_rate
-
-    def vocode(mel: torch.Tensor) -> np.ndarray:
-        generator = torch.Generator(tts.device).manual_seed(seed)
-        return tts.hift.inference(mel.float().to(tts.device), generator=generator)[0][0].cpu().numpy()
-
     for trial in synthesis_trials(root, n):
         target, prompt_rec = trial["target"], trial["prompt"]
         wav, _ = load_wav(root / target["path"], sr)
@@ -240,7 +235,7 @@ def stage_outputs(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed
         tokens = torch.as_tensor(tts.frontend.speech_tokenizer.tokenize(wav, sr)).long().reshape(1, -1)
         flow_mel = tts.flow.inference(tokens.to(tts.device), prompt.speech_token.to(tts.device),
                                       prompt.speech_feat.to(tts.device, tts.dtype), prompt.embedding.to(tts.device, tts.dtype))
-        yield target, [wav, griffin_lim(mel).numpy(), vocode(mel[None]), vocode(flow_mel),
+        yield target, [wav, griffin_lim(mel).numpy(), tts.vocode(mel[None], seed), tts.vocode(flow_mel, seed),
                        join_speech(tts.inference_zero_shot(target["text"], prompt_rec["text"],
                                                            str(root / prompt_rec["path"]), seed=seed))[0].numpy()]
 

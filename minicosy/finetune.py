@@ -23,7 +23,7 @@ from torch.nn.functional import normalize
 from .eval import SpeakerEncoder, SphinxASR, error_rate
 from .lm import TextSpeechLM, lm_batches
 from .rl import asr_reward_loss, dpo_batch, dpo_step_loss, preference_pairs
-from .speech_tokenizer import SpeechTokenizer, transcript
+from .speech_tokenizer import SpeechTokenizer, unit_ids
 from .train import TrainConfig, TrainLog, train_loop
 
 LM_INPUTS = ("text_token", "text_token_len", "speech_token", "speech_token_len")
@@ -39,11 +39,10 @@ def msft_labels(speakers: list[str]) -> dict[str, str]:
 def with_units(examples: list[dict], records: dict[str, dict], tokenizer: SpeechTokenizer) -> list[dict]:
     """LM examples with the ASR reward's targets: the reading units of each utterance's transcript
     as ids of ``tokenizer.vocab`` (1-based, 0 is the CTC blank); units it does not know are dropped."""
-    index = {u: i + 1 for i, u in enumerate(tokenizer.vocab)}
     out = []
     for ex in examples:
         r = records[ex["id"]]
-        units = [index[u] for u in transcript(r.get("plain_text", r["text"]), r["lang"]) if u in index]
+        units = unit_ids(r.get("plain_text", r["text"]), r["lang"], tokenizer.vocab)
         if units:
             out.append({**ex, "units": torch.tensor(units, dtype=torch.long)})
     return out
@@ -85,8 +84,7 @@ def sample_candidates(tts, text: str, prompt_wav, k: int = 4, seed: int = 0) -> 
         if not tokens:
             continue
         mel = tts.flow.inference(torch.tensor([tokens]), p.speech_token, p.speech_feat, p.embedding)
-        wav = tts.hift.inference(mel.float(), generator=torch.Generator().manual_seed(seed))[0][0].numpy()
-        out.append({"speech": tokens, "wav": wav})
+        out.append({"speech": tokens, "wav": tts.vocode(mel, seed)})
     return out
 
 
@@ -119,6 +117,11 @@ def train_dpo(policy: TextSpeechLM, pairs: list[dict], text_ids: dict[str, torch
 
 
 # ----- the experiments of notebook 08 (``python -m minicosy.train finetune``) ----------------------
+def _finetune_config(lr: float, minutes: float, seed: int) -> TrainConfig:
+    """The experiments' optimiser settings: a small learning rate, a short warm-up, a time budget."""
+    return TrainConfig(lr=lr, max_minutes=minutes, warmup_steps=10, seed=seed, threads=torch.get_num_threads())
+
+
 def _copy(lm: TextSpeechLM) -> TextSpeechLM:
     twin = TextSpeechLM(lm.cfg, lm.text_vocab_size)
     twin.load_state_dict(lm.state_dict())
@@ -164,7 +167,7 @@ def rl_experiment(tts, corpus_root: str | Path, tokenizer_path: str | Path, minu
     text_ids = {r["id"]: torch.tensor(tts.frontend.text_ids(r["text"]), dtype=torch.long) for r in picked}
     examples = with_units(corpus_examples(root, ["train"], tts.frontend.text_tokenizer, tokenizer_path),
                           {r["id"]: r for r in manifest}, tts.frontend.speech_tokenizer)
-    tcfg = TrainConfig(lr=lr, max_minutes=minutes, warmup_steps=10, seed=seed, threads=torch.get_num_threads())
+    tcfg = _finetune_config(lr, minutes, seed)
     variants, logs = {"shipped": base}, {}
     variants["L_ASR"] = _copy(base)
     logs["L_ASR"] = finetune_lm(variants["L_ASR"], examples, tcfg, asr=(tts.frontend.speech_tokenizer, asr_weight))
@@ -201,8 +204,7 @@ def tag_similarity(tts, lm: TextSpeechLM, labels: dict[str, str], texts: list[st
         for text in texts:
             tokens = list(lm.inference(tts.frontend.text_ids(text), prompt_text=tag,
                                        generator=torch.Generator().manual_seed(seed)))
-            mel = tts.flow.inference(torch.tensor([tokens]), empty_token, empty_feat, shared)
-            wav = tts.hift.inference(mel.float(), generator=torch.Generator().manual_seed(seed))[0][0].numpy()
+            wav = tts.vocode(tts.flow.inference(torch.tensor([tokens]), empty_token, empty_feat, shared), seed)
             emb = normalize(torch.as_tensor(tts.frontend.speaker_model.embed(wav, 24000)).reshape(1, -1).float())
             sims[i] += (emb @ table.T)[0].numpy() / len(texts)
     return sims
@@ -223,7 +225,7 @@ def msft_experiment(tts, corpus_root: str | Path, tokenizer_path: str | Path, mi
     train = corpus_examples(root, ["train"], tts.frontend.text_tokenizer, tokenizer_path)
     lm = _copy(tts.lm)
     log = finetune_lm(lm, tag_examples(train, tts.frontend.text_tokenizer, labels),
-                      TrainConfig(lr=lr, max_minutes=minutes, warmup_steps=10, seed=seed, threads=torch.get_num_threads()))
+                      _finetune_config(lr, minutes, seed))
     texts = [r["text"] for r in load_manifest(root, "test") if r["lang"] == "en"][:sentences]
     result = {"labels": labels, "lm": lm, "curve": {"steps": log.steps, "losses": log.losses}}
     for name, model in (("shipped", tts.lm), ("mSFT", lm)):

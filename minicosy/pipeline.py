@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -232,6 +233,13 @@ class CosyVoice2:
             text, [], _no_tokens(), _no_tokens(), torch.zeros(1, 0, n_mels), emb), stream, speed, start, **kw)
 
     # ---- orchestration ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def vocode(self, mel: torch.Tensor, seed: int = 0) -> np.ndarray:
+        """24 kHz waveform of one whole mel (1, 80, T) through HiFT, its source noise seeded (no
+        streaming cache): how the evaluations render token-level experiments."""
+        generator = torch.Generator(self.device).manual_seed(seed)
+        return self.hift.inference(mel.float().to(self.device), generator=generator)[0][0].cpu().numpy()
+
     def _run(self, tts_text: str | Iterable[str], text_frontend: bool, make, stream: bool, speed: float,
              start: float, seed: int | None = None, incremental: bool = False) -> Iterator[dict]:
         if speed <= 0:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from .instruct import END_OF_PROMPT
-from .lm import IGNORE_ID, TextSpeechLM
+from .lm import IGNORE_ID, TextSpeechLM, collate_lm
 from .speech_tokenizer import SpeechTokenizer
 
 
@@ -129,12 +129,8 @@ def preference_pairs(candidates: dict[str, list[dict]], min_gap: float = 1e-6) -
 def dpo_batch(pairs: list[dict], text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Chosen and rejected sequences of ``pairs`` stacked into one padded LM batch (chosen first);
     ``text`` maps each pair's key to its text ids."""
-    texts = [text[p["key"]] for p in pairs] * 2
-    speech = [torch.as_tensor(p["chosen"]).long() for p in pairs] + [torch.as_tensor(p["rejected"]).long() for p in pairs]
-    return {"text_token": pad_sequence(texts, batch_first=True),
-            "text_token_len": torch.tensor([len(t) for t in texts], dtype=torch.int32),
-            "speech_token": pad_sequence(speech, batch_first=True),
-            "speech_token_len": torch.tensor([len(s) for s in speech], dtype=torch.int32)}
+    return collate_lm([{"text": text[p["key"]], "speech": torch.as_tensor(p[side]).long()}
+                       for side in ("chosen", "rejected") for p in pairs])
 
 
 def dpo_step_loss(policy: TextSpeechLM, reference: TextSpeechLM, batch: dict[str, torch.Tensor],

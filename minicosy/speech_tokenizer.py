@@ -254,14 +254,20 @@ def build_vocab(records: list[dict]) -> list[str]:
     return sorted({u for r in records for u in transcript(r["text"], r["lang"])})
 
 
+def unit_ids(text: str, lang: str, vocab: list[str]) -> list[int]:
+    """The CTC targets of a transcript: its reading units as ids of ``vocab`` (1-based; 0 is the
+    blank), units outside ``vocab`` dropped."""
+    index = {u: i + 1 for i, u in enumerate(vocab)}
+    return [index[u] for u in transcript(text, lang) if u in index]
+
+
 def collate(items: list[dict], vocab: list[str]) -> dict[str, torch.Tensor]:
     """Pad mels to the longest item; targets as concatenated unit ids (unknown units dropped)."""
-    index = {u: i + 1 for i, u in enumerate(vocab)}
     lengths = torch.tensor([it["mel"].shape[-1] for it in items])
     mel = torch.zeros(len(items), items[0]["mel"].shape[0], int(lengths.max()))
     for i, it in enumerate(items):
         mel[i, :, : lengths[i]] = it["mel"].float()
-    targets = [torch.tensor([index[c] for c in transcript(it["text"], it["lang"]) if c in index]) for it in items]
+    targets = [torch.tensor(unit_ids(it["text"], it["lang"], vocab), dtype=torch.long) for it in items]
     return {"mel": mel, "mel_lengths": lengths, "targets": torch.cat(targets),
             "target_lengths": torch.tensor([len(t) for t in targets])}
 
