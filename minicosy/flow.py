@@ -551,15 +551,18 @@ def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", re
                tokenizer: str | Path = "data/checkpoints/speech_tokenizer_fsq.pt",
                speaker_model: str | Path = "data/checkpoints/campplus_tiny.pt", batch_size: int = 12,
                max_tokens: int = 100, eval_utterances: int = 16, seed: int = 0,
-               threads: int = 2, device: str = "cpu") -> tuple[CausalMaskedDiffWithXvec, dict]:
+               threads: int = 2, device: str = "cpu", init: str | Path | None = None
+               ) -> tuple[CausalMaskedDiffWithXvec, dict]:
     """Train the flow on the corpus' train split with ``recipe`` ("paper" or "official", see the
-    module docstring); report the mel L1 per mask on dev + test sentences and on the held-out
-    voices; save."""
+    module docstring), from scratch or from the weights of the flow checkpoint ``init`` (same
+    sizes); report the mel L1 per mask on dev + test sentences and on the held-out voices; save."""
     seed_everything(seed)
     cfg = replace(get_config(preset).flow, training_recipe=recipe)
     data = {name: load_flow_data(corpus_root, splits, tokenizer, speaker_model, cfg.token_mel_ratio)
             for name, splits in (("train", ("train",)), ("dev_test", ("dev", "test")), ("heldout", ("heldout",)))}
     flow = CausalMaskedDiffWithXvec(cfg)
+    if init is not None:
+        load_state_dict_checked(flow, load_checkpoint(init)["state_dict"], f"flow checkpoint {init} (--init)")
     tcfg = TrainConfig(lr=1e-3, warmup_steps=100, max_minutes=minutes, seed=seed, threads=threads,
                        batch_seconds=batch_size * max_tokens / 25, device=device)
     g = torch.Generator().manual_seed(seed)
@@ -573,8 +576,9 @@ def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", re
         print(f"mel L1 ({name}, {eval_utterances} utterances <= 6 s, first 30% as prompt): "
               + ", ".join(f"{k} {v:.3f}" for k, v in metrics[name].items()))
     if out is not None:
+        inputs = {"speech_tokenizer": str(tokenizer), "speaker_model": str(speaker_model)}
         save_checkpoint(out, flow, asdict(cfg), tcfg, log, metrics=metrics,
-                        inputs={"speech_tokenizer": str(tokenizer), "speaker_model": str(speaker_model)})
+                        inputs=inputs if init is None else {**inputs, "init": str(init)})
     return flow, metrics
 
 
@@ -586,7 +590,8 @@ def train_main(argv: list[str] | None = None) -> None:
     p.add_argument("--speaker-model", default="data/checkpoints/campplus_tiny.pt")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=100, help="training window (tokens) cut from each utterance")
+    p.add_argument("--init", help="start from this flow checkpoint's weights (fine-tuning) instead of at random")
     a = p.parse_args(argv)
     train_flow(a.corpus, recipe=a.recipe, minutes=a.minutes, out=a.out, tokenizer=a.tokenizer,
                speaker_model=a.speaker_model, batch_size=a.batch_size, max_tokens=a.max_tokens, seed=a.seed,
-               threads=a.threads, device=a.device)
+               threads=a.threads, device=a.device, init=a.init)

@@ -86,14 +86,18 @@ def _same_loss_on_both_devices(model: torch.nn.Module, loss_fn, batch: dict) -> 
 
 def test_speech_tokenizer_recipe_steps_on_the_gpu():
     from minicosy.config import get_config
-    from minicosy.speech_tokenizer import SpeechTokenizer, build_vocab, collate, ctc_loss
+    from minicosy.speech_tokenizer import SpeechTokenizer, augment, build_vocab, collate, ctc_loss
 
     g = torch.Generator().manual_seed(0)
     items = [{"mel": torch.randn(128, 300, generator=g), "text": t, "lang": "en"}
              for t in ("we walk to the park", "the lamp is on the shelf")]
     vocab = build_vocab(items)
-    _same_loss_on_both_devices(SpeechTokenizer(get_config("tiny").speech_tokenizer, vocab, "fsq"), ctc_loss,
-                               collate(items, vocab))
+    batch = collate(items, vocab)
+    _same_loss_on_both_devices(SpeechTokenizer(get_config("tiny").speech_tokenizer, vocab, "fsq"), ctc_loss, batch)
+    masks = {"freq_masks": 2, "time_masks": 2}                 # the recipe augments there
+    cpu = augment(batch["mel"], batch["mel_lengths"], np.random.default_rng(0), **masks)
+    gpu = augment(batch["mel"].cuda(), batch["mel_lengths"].cuda(), np.random.default_rng(0), **masks)
+    assert torch.equal(gpu[1].cpu(), cpu[1]) and torch.allclose(gpu[0].cpu(), cpu[0], atol=1e-4)
 
 
 def test_lm_recipe_steps_on_the_gpu():

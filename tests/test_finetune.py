@@ -32,11 +32,12 @@ def test_msft_labels():
 def test_asr_reward_fine_tuning_trains_the_lm_only():
     torch.manual_seed(0)
     lm = TextSpeechLM(TINY, 50)
-    tok = SpeechTokenizer(SpeechTokenizerConfig(d_model=32, n_heads=2, encoder1_layers=1, encoder2_layers=1), list("abcdefgh▁"))
+    tok = SpeechTokenizer(SpeechTokenizerConfig(d_model=32, n_heads=2, encoder1_layers=1, encoder2_layers=1),
+                          ["AE", "AH", "B", "D", "EY", "F", "K", "▁"])
     examples = _examples(8)
     records = {ex["id"]: {"text": "a bad cafe", "lang": "en"} for ex in examples}
     examples = with_units(examples, records, tok)
-    assert examples[0]["units"].tolist() == [1, 9, 2, 1, 4, 9, 3, 1, 6, 5]       # a ▁ b a d ▁ c a f e
+    assert examples[0]["units"].tolist() == [2, 8, 3, 1, 4, 8, 7, 2, 6, 5]       # AH ▁ B AE D ▁ K AH F EY
     before_lm = {k: v.clone() for k, v in lm.state_dict().items()}
     before_tok = {k: v.clone() for k, v in tok.state_dict().items()}
     tcfg = TrainConfig(lr=1e-3, max_steps=4, warmup_steps=1, threads=1, log_every=1)

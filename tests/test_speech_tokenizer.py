@@ -76,3 +76,52 @@ def test_onnx_run_and_conversion_give_identical_codes(tmp_path):
         load_from_onnx(path, SpeechTokenizer(get_config("tiny").speech_tokenizer, VOCAB, "vq"))
     with pytest.raises(FileNotFoundError):
         OnnxSpeechTokenizer(tmp_path / "absent.onnx")
+
+
+def test_english_reading_units_are_dictionary_phones():
+    from minicosy.speech_tokenizer import english_phones, transcript
+
+    assert transcript("Two cats.", "en") == ["T", "UW", "▁", "K", "AE", "T", "S"]
+    assert transcript("It's 5 o'clock!", "en")[:4] == ["IH", "T", "S", "▁"]          # numbers read out
+    assert english_phones("weeknight") == english_phones("week") + english_phones("night")
+    assert english_phones("bakery's") == english_phones("bakery") + ["Z"]
+    assert english_phones("mbps") == ["EH", "M", "B", "IY", "P", "IY", "EH", "S"]   # letter names
+
+
+def _band_batch(frames: int = 200, band: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    mel = torch.full((2, 128, frames), -0.5)
+    mel[:, band] = 1.0
+    return mel, torch.tensor([frames, frames // 2])
+
+
+def test_augment_warps_time_and_frequency_and_masks():
+    from minicosy.speech_tokenizer import _mel_centres, augment
+
+    mel, lengths = _band_batch()
+    rng = np.random.default_rng(0)
+    same, same_len = augment(mel, lengths, rng, tempo=(1, 1), warp=(1, 1))
+    assert torch.equal(same_len, lengths) and torch.allclose(same[0], mel[0], atol=1e-4)
+    assert same[1, :, 100:].abs().max() == 0                                  # padding stays zero
+    slow, slow_len = augment(mel, lengths, rng, tempo=(0.5, 0.5), warp=(1, 1))
+    assert slow_len.tolist() == [400, 200] and slow.shape[-1] == 400
+    up, _ = augment(mel, lengths, rng, tempo=(1, 1), warp=(1.2, 1.2))
+    centres = _mel_centres(128)
+    peak = int(up[0, :, 10].argmax())                 # the band moved to where centre ≈ 1.2 × its own
+    assert abs(centres[peak] / centres[40] - 1.2) < 0.05
+    masked, _ = augment(mel, lengths, rng, tempo=(1, 1), warp=(1, 1), freq_masks=1, freq_width=128,
+                        time_masks=0)
+    assert (masked[0] == -0.5).float().mean() > 0.0 and masked[0].max() <= 1.0
+
+
+def test_augmented_ctc_loss_trains():
+    from minicosy.speech_tokenizer import augment, ctc_loss
+
+    model = _model(0).train()
+    mel, lengths = _band_batch()
+    batch = {"mel": mel, "mel_lengths": lengths, "targets": torch.tensor([1, 2, 3, 4]),
+             "target_lengths": torch.tensor([2, 2])}
+    rng = np.random.default_rng(0)
+    aug_mel, aug_len = augment(mel, lengths, rng)
+    loss = ctc_loss(model, {**batch, "mel": aug_mel, "mel_lengths": aug_len})
+    loss.backward()
+    assert torch.isfinite(loss) and model.conv1.weight.grad.abs().sum() > 0
