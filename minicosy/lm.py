@@ -434,11 +434,12 @@ def lm_examples(records: list[dict], text_tokenizer: TextTokenizer, speech_token
 
 
 def corpus_examples(corpus_root: str | Path, splits: Iterable[str], text_tokenizer: TextTokenizer,
-                    speech_tokenizer: str | Path) -> list[dict]:
-    """:func:`lm_examples` of the corpus splits, with the tokens of the given speech tokenizer (§2.2)."""
+                    speech_tokenizer: str | Path, augmented_copy: int = 0) -> list[dict]:
+    """:func:`lm_examples` of the corpus splits, with the tokens of the given speech tokenizer (§2.2)
+    (of an augmented copy of the train split if ``augmented_copy`` > 0, see ``corpus_tokens``)."""
     from .speech_tokenizer import corpus_tokens
 
-    tokens = corpus_tokens(corpus_root, speech_tokenizer)
+    tokens = corpus_tokens(corpus_root, speech_tokenizer, augmented_copy)
     return lm_examples([r for s in splits for r in load_manifest(corpus_root, s)], text_tokenizer, tokens)
 
 
@@ -534,11 +535,14 @@ def train_main(argv: list[str] | None = None) -> None:
     p.add_argument("--validate-minutes", type=float, default=1.0, help="0: keep the last weights")
     p.add_argument("--no-instruct", action="store_true", help="leave out the instruct sub-corpus")
     p.add_argument("--instruct-repeat", type=int, default=2, help="times each instruct example is seen per epoch")
+    p.add_argument("--augmented-copies", type=int, default=0,
+                   help="add this many copies of the train split tokenised from tempo/VTLP-augmented audio")
     a = p.parse_args(argv)
     threads = a.threads
     torch.set_num_threads(threads)
     tok = TextTokenizer.from_pretrained(a.text_tokenizer)
-    train = corpus_examples(a.corpus, ["train"], tok, a.speech_tokenizer)
+    train = [ex for k in range(a.augmented_copies + 1)
+             for ex in corpus_examples(a.corpus, ["train"], tok, a.speech_tokenizer, augmented_copy=k)]
     instruct = Path(a.corpus) / INSTRUCT_DIR
     if not a.no_instruct:
         if not (instruct / "manifest.jsonl").exists():

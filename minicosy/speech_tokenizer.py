@@ -408,15 +408,20 @@ def evaluate(model: SpeechTokenizer, records: list[dict], batch_size: int = 16) 
 
 
 @torch.no_grad()
-def extract(model: SpeechTokenizer, records: list[dict], batch_size: int = 16) -> list[dict]:
+def extract(model: SpeechTokenizer, records: list[dict], batch_size: int = 16,
+            rng: np.random.Generator | None = None) -> list[dict]:
     """Per utterance of ``records`` (with mels, from :func:`load_features`): the speaker and
     language, the codes, and the pre- (Encoder1) and post-quantisation (Proj_up) features.
-    Runs only the tokenising part (conv, Encoder1, quantizer)."""
+    Runs only the tokenising part (conv, Encoder1, quantizer); with ``rng``, of :func:`augment`-ed
+    mels."""
     out = []
     for k in range(0, len(records), batch_size):
         items = records[k: k + batch_size]
         batch = collate(items, model.vocab)
-        pre, pad = model.encode(batch["mel"], batch["mel_lengths"])
+        mel, lengths = batch["mel"], batch["mel_lengths"]
+        if rng is not None:
+            mel, lengths = augment(mel, lengths, rng)
+        pre, pad = model.encode(mel, lengths)
         post, codes, _ = model.quantizer(model.ln_quant(pre))
         for i, (it, n) in enumerate(zip(items, (~pad).sum(-1).tolist())):
             out.append({"id": it["id"], "speaker": it["speaker"], "lang": it["lang"], "codes": codes[i, :n],
@@ -425,15 +430,21 @@ def extract(model: SpeechTokenizer, records: list[dict], batch_size: int = 16) -
 
 
 def corpus_tokens(corpus_root: str | Path = "data/corpus",
-                  checkpoint: str | Path = "data/checkpoints/speech_tokenizer_fsq.pt") -> dict[str, torch.Tensor]:
+                  checkpoint: str | Path = "data/checkpoints/speech_tokenizer_fsq.pt",
+                  augmented_copy: int = 0) -> dict[str, torch.Tensor]:
     """Speech tokens (25 Hz) of every corpus utterance by the given tokenizer, keyed by utterance
-    id; cached under ``<corpus>/cache`` (and recomputed when the checkpoint changes)."""
+    id; cached under ``<corpus>/cache`` (and recomputed when the checkpoint changes). With
+    ``augmented_copy`` k > 0: the tokens of the train split's k-th :func:`augment`-ed copy (new
+    tempo and vocal tract per utterance, drawn with seed k), extra training data for the LM."""
     def compute() -> dict[str, torch.Tensor]:
         model = SpeechTokenizer.from_checkpoint(checkpoint)
-        records = [r for split in ("train", "dev", "test", "heldout") for r in load_features(corpus_root, split)]
-        return {f["id"]: f["codes"].short() for f in extract(model, records)}
+        splits = ("train",) if augmented_copy else ("train", "dev", "test", "heldout")
+        records = [r for split in splits for r in load_features(corpus_root, split)]
+        rng = np.random.default_rng(augmented_copy) if augmented_copy else None
+        return {f["id"]: f["codes"].short() for f in extract(model, records, rng=rng)}
 
-    return checkpoint_cache(corpus_root, checkpoint, "tokens", compute)
+    key = f"tokens_aug{augmented_copy}" if augmented_copy else "tokens"
+    return checkpoint_cache(corpus_root, checkpoint, key, compute)
 
 
 def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "fsq", preset: str = "tiny",
