@@ -56,7 +56,10 @@ class SphinxASR:
         self.decoder = Decoder(samprate=self.sample_rate, loglevel="FATAL")
 
     def transcribe(self, wav: np.ndarray, sr: int) -> str:
-        """Lower-case transcript of one mono float waveform."""
+        """Lower-case transcript of one mono float waveform ("" for an empty one, e.g. when an LM
+        stopped before its first speech token)."""
+        if np.asarray(wav).size == 0:
+            return ""
         wav = resample(np.asarray(wav, dtype=np.float32), sr, self.sample_rate)
         pcm = (np.clip(wav, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
         self.decoder.start_utt()
@@ -84,7 +87,10 @@ class SpeakerEncoder:
         return self.encoder.embed_utterance(self._preprocess(wav, source_sr=self.sample_rate))
 
     def similarity(self, wav_a: np.ndarray, sr_a: int, wav_b: np.ndarray, sr_b: int) -> float:
-        """Cosine similarity of two utterances' embeddings."""
+        """Cosine similarity of two utterances' embeddings; 0 when either is empty (no speech
+        resembles no one)."""
+        if np.asarray(wav_a).size == 0 or np.asarray(wav_b).size == 0:
+            return 0.0
         return float(np.dot(self.embed(wav_a, sr_a), self.embed(wav_b, sr_b)))
 
 
@@ -165,6 +171,8 @@ def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes
     campp = tts.frontend.speaker_model
 
     def campp_sim(a: np.ndarray, sr_a: int, b: np.ndarray, sr_b: int) -> float:
+        if a.size == 0 or b.size == 0:
+            return 0.0
         ea, eb = campp.embed(a, sr_a).reshape(-1).numpy(), campp.embed(b, sr_b).reshape(-1).numpy()
         return float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb)))
 

@@ -10,9 +10,9 @@ dictionary), Mandarin pinyin initials and tone-numbered finals, Japanese kana of
 Korean jamo (:func:`transcript`). With 1.5 h of audio, a CTC over ~2000 written Han characters does
 not leave the all-blank plateau in minutes of CPU training, and one over English letters learns the
 training sentences' spellings by heart; reading units are few and frequent, and make the tokens
-carry *what is said* (how it sounds), which is the point of §2.2. Training perturbs tempo, vocal
-tract length and masks parts of the input (:func:`augment`) so that 13 voices generalise to new
-ones. Only conv + Encoder1 + FSQ are needed to tokenise; Encoder2 + head exist for training and
+carry *what is said* (how it sounds), which is the point of §2.2. Training perturbs tempo and
+vocal-tract length (:func:`augment`; SpecAugment's masks optionally) so that 13 voices generalise
+to new ones. Only conv + Encoder1 + FSQ are needed to tokenise; Encoder2 + head exist for training and
 for the ASR reward (§2.8).
 
 Length rule: a waveform of n samples at 16 kHz gives ``n // 160`` Whisper frames and
@@ -204,7 +204,7 @@ class SpeechTokenizer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training on the corpus (§4.1 at small scale): CTC over characters, FSQ or VQ bottleneck.
+# Training on the corpus (§4.1 at small scale): CTC over reading units, FSQ or VQ bottleneck.
 
 @functools.lru_cache(maxsize=1)
 def _lexicon() -> dict[str, list[str]]:
@@ -328,6 +328,7 @@ def augment(mel: torch.Tensor, lengths: torch.Tensor, rng: np.random.Generator,
     src_t = np.minimum(np.arange(out_frames)[None, :] * rate[:, None], (old_lengths - 1)[:, None])
     centres = _mel_centres(n_mels)
     src_f = np.stack([np.interp(centres / a, centres, np.arange(n_mels)) for a in alpha])
+
     def tensor(x: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(x, device=dev)
 

@@ -53,6 +53,7 @@ def test_pocketsphinx_wer_on_ljspeech():
     wer = error_rate([meta[i] for i in ids], hyps, "en")
     print(f"\npocketsphinx WER on {len(ids)} LJSpeech clips: {wer:.3f}")
     assert np.isfinite(wer) and wer < 0.6
+    assert asr.transcribe(np.zeros(0, np.float32), 24000) == ""              # an LM that said nothing
 
 
 def test_resemblyzer_separates_librispeech_speakers():
@@ -68,6 +69,8 @@ def test_resemblyzer_separates_librispeech_speakers():
     eer, _ = equal_error_rate(scores, labels)
     print(f"\nresemblyzer: same-speaker cosine {same:.3f}, different {diff:.3f}, EER {eer:.3f}")
     assert same > diff + 0.15
+    wav, sr = load_wav(sorted(folder.glob("*/*.flac"))[0])
+    assert enc.similarity(np.zeros(0, np.float32), 24000, wav, sr) == 0.0    # silence resembles no one
     per_speaker = defaultdict(list)
     for s, e in zip(speakers, embeddings):
         per_speaker[s].append(e)

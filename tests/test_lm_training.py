@@ -96,8 +96,8 @@ def test_a_few_steps_learn_and_the_checkpoint_round_trips(tmp_path):
 def test_recipe_runs_through_the_train_cli(tmp_path, monkeypatch):
     calls = []
 
-    def fake_examples(root, splits, tok, ckpt):
-        calls.append((str(root), tuple(splits)))
+    def fake_examples(root, splits, tok, ckpt, augmented_copy=0):
+        calls.append((str(root), tuple(splits), augmented_copy))
         return _examples(12 if "train" in splits else 3, seed=len(splits))
 
     monkeypatch.setattr(lm_module, "corpus_examples", fake_examples)
@@ -106,10 +106,11 @@ def test_recipe_runs_through_the_train_cli(tmp_path, monkeypatch):
     (corpus / "instruct" / "manifest.jsonl").write_text("")
     out = tmp_path / "lm_tiny.pt"
     main(["lm", "--corpus", str(corpus), "--minutes", "0.01", "--validate-minutes", "0.002", "--out", str(out),
-          "--max-rows", "300"])
-    assert (str(corpus / "instruct"), ("train",)) in calls              # the instruct sub-corpus is mixed in
+          "--max-rows", "300", "--augmented-copies", "1"])
+    assert (str(corpus / "instruct"), ("train",), 0) in calls           # the instruct sub-corpus is mixed in
+    assert (str(corpus), ("train",), 1) in calls                       # and one augmented copy of the train split
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["model_config"]["cfg"]["hidden_size"] == 128 and card["train_config"]["max_minutes"] == 0.01
-    assert card["metrics"]["train_utterances"] == 12 + 2 * 12 and "best_validation" in card["metrics"]
+    assert card["metrics"]["train_utterances"] == 2 * 12 + 2 * 12 and "best_validation" in card["metrics"]
     with pytest.raises(FileNotFoundError, match="instruct"):
         main(["lm", "--corpus", str(tmp_path / "bare"), "--minutes", "0.01", "--out", str(out)])
