@@ -96,6 +96,13 @@ def mel_filters(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float
     return torch.from_numpy(librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)).float()
 
 
+@functools.lru_cache(maxsize=8)
+def mel_band_centres(sr: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+    """Centre frequencies (Hz) of :func:`mel_filters`' bands: the Slaney mel scale between fmin and
+    fmax (default sr/2), end points dropped."""
+    return librosa.mel_frequencies(n_mels + 2, fmin=fmin, fmax=sr / 2 if fmax is None else fmax)[1:-1]
+
+
 def mel_spectrogram(wav: torch.Tensor | np.ndarray, cfg: FeatureConfig = _F, fmax: float | None = -1.0) -> torch.Tensor:
     """80-bin natural-log mel at 24 kHz, 50 frames/s: the flow's feature (§2.4).
 

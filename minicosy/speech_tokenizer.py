@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .audio import load_wav, resample, whisper_log_mel
-from .config import SpeechTokenizerConfig, get_config
+from .audio import load_wav, mel_band_centres, resample, whisper_log_mel
+from .config import FeatureConfig, SpeechTokenizerConfig, get_config
 from .data import checkpoint_cache, load_manifest
 from .fsq import FSQ, VectorQuantizer
 from .textnorm import HAN_RE, normalize_for_wer, zh_numbers_to_hanzi
@@ -291,14 +291,6 @@ def unit_ids(text: str, lang: str, vocab: list[str]) -> list[int]:
     return [index[u] for u in transcript(text, lang) if u in index]
 
 
-@functools.lru_cache(maxsize=4)
-def _mel_centres(n_mels: int, fmax: float = 8000.0) -> np.ndarray:
-    """Centre frequencies (Hz) of the Whisper filterbank's Slaney mel bands."""
-    import librosa
-
-    return librosa.mel_frequencies(n_mels + 2, fmin=0.0, fmax=fmax)[1:-1]
-
-
 def augment(mel: torch.Tensor, lengths: torch.Tensor, rng: np.random.Generator,
             tempo: tuple[float, float] = (0.85, 1.15), warp: tuple[float, float] = (0.85, 1.18),
             freq_masks: int = 0, freq_width: int = 16, time_masks: int = 0, time_share: float = 0.05
@@ -326,7 +318,7 @@ def augment(mel: torch.Tensor, lengths: torch.Tensor, rng: np.random.Generator,
     new_lengths = np.maximum(4, np.round(old_lengths / rate)).astype(int)
     out_frames = int(new_lengths.max())
     src_t = np.minimum(np.arange(out_frames)[None, :] * rate[:, None], (old_lengths - 1)[:, None])
-    centres = _mel_centres(n_mels)
+    centres = mel_band_centres(FeatureConfig().tokenizer_sample_rate, n_mels)
     src_f = np.stack([np.interp(centres / a, centres, np.arange(n_mels)) for a in alpha])
 
     def tensor(x: np.ndarray) -> torch.Tensor:

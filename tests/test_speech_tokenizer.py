@@ -95,7 +95,8 @@ def _band_batch(frames: int = 200, band: int = 40) -> tuple[torch.Tensor, torch.
 
 
 def test_augment_warps_time_and_frequency_and_masks():
-    from minicosy.speech_tokenizer import _mel_centres, augment
+    from minicosy.audio import mel_band_centres
+    from minicosy.speech_tokenizer import augment
 
     mel, lengths = _band_batch()
     rng = np.random.default_rng(0)
@@ -105,7 +106,7 @@ def test_augment_warps_time_and_frequency_and_masks():
     slow, slow_len = augment(mel, lengths, rng, tempo=(0.5, 0.5), warp=(1, 1))
     assert slow_len.tolist() == [400, 200] and slow.shape[-1] == 400
     up, _ = augment(mel, lengths, rng, tempo=(1, 1), warp=(1.2, 1.2))
-    centres = _mel_centres(128)
+    centres = mel_band_centres(16000, 128)
     peak = int(up[0, :, 10].argmax())                 # the band moved to where centre ≈ 1.2 × its own
     assert abs(centres[peak] / centres[40] - 1.2) < 0.05
     masked, _ = augment(mel, lengths, rng, tempo=(1, 1), warp=(1, 1), freq_masks=1, freq_width=128,
