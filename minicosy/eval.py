@@ -46,7 +46,11 @@ def error_rate(references: list[str], hypotheses: list[str], lang: str) -> float
 
 
 class SphinxASR:
-    """English speech recognition with pocketsphinx's bundled US-English models (16 kHz)."""
+    """English speech recognition with pocketsphinx's bundled US-English models (16 kHz).
+
+    Each utterance is decoded as if by a fresh decoder: pocketsphinx carries its cepstral mean and
+    feature buffers from one utterance to the next, which made a recording's transcript depend on
+    what had been decoded before it."""
 
     sample_rate = 16000
 
@@ -54,6 +58,7 @@ class SphinxASR:
         from pocketsphinx import Decoder
 
         self.decoder = Decoder(samprate=self.sample_rate, loglevel="FATAL")
+        self._initial_cmn = self.decoder.get_cmn()
 
     def transcribe(self, wav: np.ndarray, sr: int) -> str:
         """Lower-case transcript of one mono float waveform ("" for an empty one, e.g. when an LM
@@ -62,6 +67,8 @@ class SphinxASR:
             return ""
         wav = resample(np.asarray(wav, dtype=np.float32), sr, self.sample_rate)
         pcm = (np.clip(wav, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
+        self.decoder.reinit_feat()
+        self.decoder.set_cmn(self._initial_cmn)
         self.decoder.start_utt()
         self.decoder.process_raw(pcm, full_utt=True)
         self.decoder.end_utt()

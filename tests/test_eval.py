@@ -56,6 +56,22 @@ def test_pocketsphinx_wer_on_ljspeech():
     assert asr.transcribe(np.zeros(0, np.float32), 24000) == ""              # an LM that said nothing
 
 
+def test_pocketsphinx_utterances_are_independent():
+    """A transcript must not depend on what the same recogniser heard before (the decoder's
+    cepstral-mean and feature state is reset per utterance)."""
+    folder = need(SHARED_DATA / "fsdd", "FSDD digits")
+    clips = [load_wav(folder / f"0_george_{i}.flac") for i in (0, 1, 10, 11)]
+    noise = np.random.default_rng(0).normal(0.0, 0.3, 3 * 16000).astype(np.float32)
+    fresh = [SphinxASR().transcribe(*clip) for clip in clips]
+    asr = SphinxASR()
+    in_order = [asr.transcribe(*clip) for clip in clips]
+    after_noise = []
+    for clip in reversed(clips):
+        asr.transcribe(noise, 16000)
+        after_noise.append(asr.transcribe(*clip))
+    assert in_order == fresh and after_noise[::-1] == fresh
+
+
 def test_resemblyzer_separates_librispeech_speakers():
     folder = need(SHARED_DATA / "librispeech_test-other", "LibriSpeech speakers")
     enc = SpeakerEncoder()
