@@ -481,6 +481,37 @@ def load_flow_data(corpus_root: str | Path, splits: tuple[str, ...], tokenizer: 
     return items
 
 
+@torch.inference_mode()
+def gta_mels(corpus_root: str | Path, flow_checkpoint: str | Path, tokenizer: str | Path,
+             speaker_model: str | Path, split: str = "train", max_prompt_tokens: int = 100) -> dict[str, torch.Tensor]:
+    """Ground-truth-aligned flow mels (80, ratio·T) float16 of a split: each utterance's own speech
+    tokens through the flow as at zero-shot inference (the next utterance of the same voice as
+    prompt, cut to ``max_prompt_tokens``, with its x-vector; the official fixed noise), so that the
+    mel lines up frame by frame with the recording. A vocoder fine-tuned on them learns the flow's
+    output rather than only clean mels (``train hift --gta-flow``; HiFi-GAN §4.4). Cached per
+    flow checkpoint."""
+    from tqdm.auto import tqdm
+
+    def compute() -> dict[str, torch.Tensor]:
+        flow = CausalMaskedDiffWithXvec.from_checkpoint(flow_checkpoint)
+        ratio = flow.cfg.token_mel_ratio
+        items = load_flow_data(corpus_root, (split,), tokenizer, speaker_model, ratio)
+        by_voice: dict[str, list[dict]] = {}
+        for it in items:
+            by_voice.setdefault(it["speaker"], []).append(it)
+        mels = {}
+        for it in tqdm(items, desc=f"GTA mels ({split})"):
+            own = by_voice[it["speaker"]]
+            prompt = own[(next(k for k, o in enumerate(own) if o is it) + 1) % len(own)]
+            n = min(len(prompt["token"]), max_prompt_tokens)
+            mel = flow.inference(it["token"][None], prompt["token"][None, :n], prompt["mel"][None, :ratio * n].float(),
+                                 prompt["xvector"][None].float())
+            mels[it["id"]] = mel[0].half()
+        return mels
+
+    return checkpoint_cache(corpus_root, flow_checkpoint, f"gta_mel_{split}", compute)
+
+
 def collate(items: list[dict], max_tokens: int = 0, rng: np.random.Generator | None = None,
             token_mel_ratio: int = 2) -> dict[str, torch.Tensor]:
     """A padded batch: token (B, T) padded with -1, token_len (B,), feat (B, ratio·T, 80), embedding

@@ -412,21 +412,28 @@ def corpus_f0(corpus_root: str | Path, split: str) -> list[dict]:
 
 
 def random_segments(records: list[dict], corpus_root: str | Path, batch_size: int, rng: np.random.Generator,
-                    frames: int = SEGMENT_FRAMES, hop: int = 480):
+                    frames: int = SEGMENT_FRAMES, hop: int = 480, input_mels: dict[str, torch.Tensor] | None = None):
     """Endless batches (wav (B, frames·480), mel (B, 80, frames), f0 (B, frames)) of random
-    frame-aligned segments; the mel is the flow's 8 kHz mel, i.e. what HiFT receives in CosyVoice 2."""
-    usable = [r for r in records if len(r["f0"]) >= frames]
+    frame-aligned segments; the mel is the flow's 8 kHz mel of the segment, i.e. what HiFT receives
+    in CosyVoice 2, or the same frames of ``input_mels[id]`` (the flow's own ground-truth-aligned
+    mels, :func:`~minicosy.flow.gta_mels`)."""
+    def length(r: dict) -> int:
+        return len(r["f0"]) if input_mels is None else min(len(r["f0"]), input_mels[r["id"]].shape[1])
+
+    usable = [r for r in records if length(r) >= frames]
     while True:
-        wavs, f0s = [], []
+        wavs, f0s, mels = [], [], []
         for i in rng.integers(len(usable), size=batch_size):
             r = usable[i]
-            start = int(rng.integers(len(r["f0"]) - frames + 1))
+            start = int(rng.integers(length(r) - frames + 1))
             wav, _ = sf.read(str(Path(corpus_root) / r["path"]), start=start * hop, stop=(start + frames) * hop,
                              dtype="float32")
             wavs.append(torch.from_numpy(wav))
             f0s.append(r["f0"][start:start + frames].float())
+            if input_mels is not None:
+                mels.append(input_mels[r["id"]][:, start:start + frames].float())
         wav = torch.stack(wavs)
-        yield wav, mel_spectrogram(wav), torch.stack(f0s)
+        yield wav, mel_spectrogram(wav) if input_mels is None else torch.stack(mels), torch.stack(f0s)
 
 
 def _conv_stack(x: torch.Tensor, convs: nn.ModuleList, post: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -499,10 +506,13 @@ def generator_adversarial_loss(real: list, fake: list) -> tuple[torch.Tensor, to
 
 def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", minutes: float = 15.0,
                gan_after: float = 0.5, out: str | Path | None = None, batch_size: int = 8, seed: int = 0,
-               threads: int = 2) -> tuple[HiFTGenerator, TrainLog]:
+               threads: int = 2, init: str | Path | None = None, input_mels: dict[str, torch.Tensor] | None = None,
+               input_name: str = "flow mel (fmax 8000)") -> tuple[HiFTGenerator, TrainLog]:
     """Train HiFT on the corpus' train split: 45·mel L1 + MR-STFT + F0 L1 (Hz/100) throughout, LSGAN
     + 2·feature matching once ``gan_after`` of the time budget has passed; AdamW (0.8, 0.99), warm-up
-    + cosine. Saves the generator (float16) with its loss curve.
+    + cosine. From scratch or from the generator checkpoint ``init``; on the recordings' mels or on
+    ``input_mels`` (per utterance id, e.g. the flow's ground-truth-aligned mels; ``input_name`` goes
+    on the card). Saves the generator (float16) with its loss curve.
 
     Under ``torchrun`` each rank takes its share of every step's batches and the two networks'
     gradients are averaged over ranks by hand (:func:`~minicosy.train.average_gradients`: the
@@ -511,11 +521,13 @@ def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", mi
     torch.set_num_threads(threads)
     records = corpus_f0(corpus_root, "train")
     gen, disc = HiFTGenerator(get_config(preset).hift), Discriminator()
+    if init is not None:
+        load_hift_state_dict(gen, load_checkpoint(init)["state_dict"])
     broadcast_parameters(gen, disc)
     tcfg = TrainConfig(lr=1e-3, betas=(0.8, 0.99), max_minutes=minutes, warmup_steps=100, seed=seed,
                        threads=threads, grad_clip=10.0)
     opt_g, opt_d = make_optimizer(gen, tcfg), make_optimizer(disc, tcfg)
-    batches = random_segments(records, corpus_root, batch_size, np.random.default_rng(seed))
+    batches = random_segments(records, corpus_root, batch_size, np.random.default_rng(seed), input_mels=input_mels)
     log, start, step = TrainLog(extra={"gan_from_step": None}), time.time(), 0
     bar = tqdm(desc="HiFT", unit="step", disable=not is_main_process())
     gen.train()
@@ -560,7 +572,7 @@ def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", mi
     if out is not None:
         save_checkpoint(out, gen, asdict(gen.cfg), tcfg, log, steps=step,
                         recipe={"segment_frames": SEGMENT_FRAMES, "batch_size": batch_size, "gan_after": gan_after,
-                                "input_mel": "flow mel (fmax 8000)", "loss_mel": "fmax None",
+                                "input_mel": input_name, "init": None if init is None else str(init), "loss_mel": "fmax None",
                                 "f0": "librosa.yin + RMS/ZCR voicing"})
     return gen, log
 
@@ -607,9 +619,19 @@ def train_main(argv: list[str] | None = None) -> None:
     Griffin-Lim on held-out audio."""
     p = recipe_parser("hift", 15.0, "data/checkpoints/hift_tiny.pt")
     p.add_argument("--gan-after", type=float, default=0.5, help="share of the budget before the discriminator starts")
+    p.add_argument("--init", help="start from this HiFT checkpoint's weights (fine-tuning) instead of at random")
+    p.add_argument("--gta-flow", help="train on this flow checkpoint's ground-truth-aligned mels of the train "
+                                      "split instead of the recordings' mels")
+    p.add_argument("--tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt", help="(with --gta-flow)")
+    p.add_argument("--speaker-model", default="data/checkpoints/campplus_tiny.pt", help="(with --gta-flow)")
     a = p.parse_args(argv)
+    mels, name = None, "flow mel (fmax 8000)"
+    if a.gta_flow:
+        from .flow import gta_mels   # a declared component dependency (tests/test_packaging.py)
+        mels = gta_mels(a.corpus, a.gta_flow, a.tokenizer, a.speaker_model)
+        name = f"ground-truth-aligned mels of {a.gta_flow} (train split; prompt: the next utterance of the voice)"
     model, _ = train_hift(a.corpus, minutes=a.minutes, gan_after=a.gan_after, out=a.out, seed=a.seed,
-                          threads=a.threads)
+                          threads=a.threads, init=a.init, input_mels=mels, input_name=name)
     if not is_main_process():
         return
     for name, m in compare_with_griffin_lim(model, [r["wav"] for r in heldout_audio(a.corpus)]).items():

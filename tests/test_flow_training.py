@@ -8,8 +8,9 @@ import soundfile as sf
 import torch
 
 from minicosy.config import get_config
+from minicosy import flow as flow_module
 from minicosy.flow import (CausalMaskedDiffWithXvec, FlowStreamer, collate, cosine_t_span, evaluate_masks, flow_mels,
-                           heldout_mel_l1, prompt_state, random_batches, stream_inference)
+                           gta_mels, heldout_mel_l1, prompt_state, random_batches, stream_inference)
 from minicosy.masks import FULL_CAUSAL, MASK_NAMES, NON_CAUSAL
 from minicosy.train import TrainConfig, TrainLog, save_checkpoint, train_loop
 
@@ -164,3 +165,21 @@ def test_flow_mels_are_cached_24khz_mels(tmp_path):
     assert (tmp_path / "cache" / "flow_mel_dev.pt").exists()
     (tmp_path / "wavs" / "a.wav").unlink()          # served from the cache now
     assert torch.equal(flow_mels(tmp_path, "dev")["a"], mels["a"])
+
+
+def test_gta_mels_are_zero_shot_mels_aligned_with_each_recording(small, tmp_path, monkeypatch):
+    items = [{**it, "speaker": "ab"[i % 2]} for i, it in enumerate(_items(5))]
+    monkeypatch.setattr(flow_module, "load_flow_data", lambda *args, **kwargs: items)
+    ckpt = save_checkpoint(tmp_path / "flow.pt", small, asdict(small.cfg), TrainConfig(), TrainLog())
+    mels = gta_mels(tmp_path, ckpt, "tokenizer.pt", "campplus.pt", max_prompt_tokens=10)
+    assert set(mels) == {it["id"] for it in items}
+    for it in items:                                   # frame by frame the length of the recording's mel
+        assert mels[it["id"]].shape == it["mel"].T.shape and mels[it["id"]].dtype == torch.float16
+    # u0 (voice a) is prompted by the next utterance of its voice, u2, cut to 10 tokens
+    flow, prompt = CausalMaskedDiffWithXvec.from_checkpoint(ckpt), items[2]
+    with torch.no_grad():
+        expected = flow.inference(items[0]["token"][None], prompt["token"][None, :10],
+                                  prompt["mel"][None, :20].float(), prompt["xvector"][None])
+    torch.testing.assert_close(mels["u0"].float(), expected[0], atol=1e-2, rtol=1e-2)
+    monkeypatch.setattr(flow_module, "load_flow_data", None)   # served from the cache now
+    assert torch.equal(gta_mels(tmp_path, ckpt, "tokenizer.pt", "campplus.pt")["u0"], mels["u0"])

@@ -18,9 +18,11 @@ GROUND_FLOOR = {"config", "audio", "text_tokenizer", "textnorm", "data", "engine
 TOP = {"pipeline", "frontend", "official", "eval", "finetune", "widgets", "viz", "__main__"}
 COMPONENTS = {"fsq", "speech_tokenizer", "lm", "masks", "flow", "hift", "campplus", "rl"}
 # the few places where one paper concept is built from another (acyclic, checked below)
-# (the lm and flow training recipes read speech tokens / x-vectors of the corpus)
+# (the lm and flow training recipes read speech tokens / x-vectors of the corpus; the vocoder can
+# be fine-tuned on the flow's own mels)
 COMPONENT_DEPS = {"speech_tokenizer": {"fsq"}, "lm": {"speech_tokenizer"},
-                  "flow": {"masks", "speech_tokenizer", "campplus"}, "rl": {"lm", "fsq", "speech_tokenizer"}}
+                  "flow": {"masks", "speech_tokenizer", "campplus"}, "rl": {"lm", "fsq", "speech_tokenizer"},
+                  "hift": {"flow"}}
 # concepts split over several files belong to their component
 FAMILY = {"flow_encoder": "flow", "flow_estimator": "flow", "flow_cfm": "flow", "lm_sampling": "lm"}
 

@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +15,8 @@ from minicosy.audio import mel_spectrogram
 from minicosy.campplus import AAMSoftmax, CAMPPlus, corpus_fbanks, embed_records, random_crops
 from minicosy.config import get_config
 from minicosy.hift import (Discriminator, HiFTGenerator, compare_with_griffin_lim, discriminator_loss, f0_track,
-                           generator_adversarial_loss, griffin_lim, heldout_audio, mel_l1, mr_stft_distance)
+                           generator_adversarial_loss, griffin_lim, heldout_audio, mel_l1, mr_stft_distance,
+                           random_segments)
 from minicosy.train import TrainConfig, TrainLog, save_checkpoint
 
 from .conftest import ROOT
@@ -135,6 +137,23 @@ def test_hift_training_steps_reduce_the_loss_on_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_segments_take_the_given_input_mels_at_the_waveform_frames(tmp_path):
+    wav = np.concatenate([tone(150.0, 0.6), np.zeros(SR // 5, np.float32), tone(400.0, 0.6)])
+    sf.write(tmp_path / "a.wav", wav, SR)
+    frames = len(wav) // 480
+    records = [{"id": "a", "path": "a.wav", "f0": torch.zeros(frames)}]
+    stored = torch.from_numpy(sf.read(tmp_path / "a.wav", dtype="float32")[0])   # as quantised in the file
+    full_mel = mel_spectrogram(stored)                                   # what the flow mels stand in for
+    for input_mels in (None, {"a": full_mel[:, :frames - 4].half()}):   # a GTA mel may be a little shorter
+        batches = random_segments(records, tmp_path, 4, np.random.default_rng(0), frames=20, input_mels=input_mels)
+        for _ in range(3):
+            segment, mel, _ = next(batches)
+            assert segment.shape == (4, 20 * 480) and mel.shape == (4, 80, 20)
+            # the input mel describes the waveform segment it comes with (edge frames aside)
+            own = mel_spectrogram(segment)
+            torch.testing.assert_close(mel[:, :, 2:-2], own[:, :, 2:-2], atol=0.05, rtol=0)
 
 
 def test_hift_checkpoint_round_trip(tmp_path):
