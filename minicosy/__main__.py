@@ -110,7 +110,7 @@ def tts_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     import torch
 
-    from .eval import evaluate_tts, format_table
+    from .eval import evaluate_tts, format_table, stage_unit_error, stage_wer
     from .pipeline import CosyVoice2
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
@@ -120,6 +120,12 @@ def eval_command(args: argparse.Namespace) -> None:
     print(format_table(table))
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))
+    if args.stages:
+        wer = stage_wer(tts, args.corpus, n=args.n, seed=args.seed)
+        units = stage_unit_error(tts, args.corpus, n=args.n, seed=args.seed)
+        print(f"\n{'stage':34s} {'WER':>6s} {'unit error':>11s}")
+        for stage in wer:
+            print(f"{stage:34s} {wer[stage]:6.3f} {units[stage]:11.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--incremental", action="store_true")
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--json", help="also write the table as JSON")
+    e.add_argument("--stages", action="store_true",
+                   help="also print where the words are lost: WER and the speech tokenizer's unit error after each stage")
     p = sub.add_parser("pipeline", help="draw the pipeline diagram of a config preset to a PNG")
     p.add_argument("--preset", default="cosyvoice2_0p5b")
     p.add_argument("--out", default="docs/pipeline.png")

@@ -37,6 +37,14 @@ def test_stage_wer_follows_the_pipeline_stage_by_stage(corpus_root):
     assert wer["corpus audio"] < 0.8
 
 
+def test_eval_command_prints_the_table_and_the_stages(corpus_root, capsys):
+    main(["eval", "--corpus", str(corpus_root), "--n", "1", "--modes", "offline", "--stages", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("offline") for line in lines)
+    rows = {stage: line.split()[-2:] for line in lines for stage in STAGES if line.startswith(stage + " ")}
+    assert list(rows) == list(STAGES) and all(0 <= float(v) for row in rows.values() for v in row)
+
+
 def test_stage_unit_error_reads_each_stage_with_the_tokenizers_asr_head(corpus_root):
     errors = stage_unit_error(CosyVoice2.from_pretrained("tiny"), corpus_root, n=1)
     assert tuple(errors) == STAGES and all(v >= 0 for v in errors.values())
