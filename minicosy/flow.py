@@ -499,14 +499,16 @@ def gta_mels(corpus_root: str | Path, flow_checkpoint: str | Path, tokenizer: st
         by_voice: dict[str, list[dict]] = {}
         for it in items:
             by_voice.setdefault(it["speaker"], []).append(it)
-        mels = {}
-        for it in tqdm(items, desc=f"GTA mels ({split})"):
-            own = by_voice[it["speaker"]]
-            prompt = own[(next(k for k, o in enumerate(own) if o is it) + 1) % len(own)]
-            n = min(len(prompt["token"]), max_prompt_tokens)
-            mel = flow.inference(it["token"][None], prompt["token"][None, :n], prompt["mel"][None, :ratio * n].float(),
-                                 prompt["xvector"][None].float())
-            mels[it["id"]] = mel[0].half()
+        mels, bar = {}, tqdm(total=len(items), desc=f"GTA mels ({split})")
+        for own in by_voice.values():
+            for k, it in enumerate(own):
+                prompt = own[(k + 1) % len(own)]
+                n = min(len(prompt["token"]), max_prompt_tokens)
+                mel = flow.inference(it["token"][None], prompt["token"][None, :n],
+                                     prompt["mel"][None, :ratio * n].float(), prompt["xvector"][None].float())
+                mels[it["id"]] = mel[0].half()
+                bar.update(1)
+        bar.close()
         return mels
 
     return checkpoint_cache(corpus_root, flow_checkpoint, f"gta_mel_{split}", compute)
