@@ -56,7 +56,7 @@ def demo(root: str, out: str, seed: int) -> None:
     voice with the tiny model; the wav, the latency breakdown and pocketsphinx's transcript."""
     import torch
 
-    from .data import build_corpus, load_manifest
+    from .data import build_corpus
     from .eval import SphinxASR, error_rate, synthesis_trials
     from .pipeline import CosyVoice2
 
