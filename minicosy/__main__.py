@@ -116,13 +116,13 @@ def eval_command(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     tts = CosyVoice2.from_pretrained(args.model)
     table = evaluate_tts(tts, args.corpus, n=args.n, modes=tuple(m.strip() for m in args.modes.split(",")),
-                         seed=args.seed, incremental=args.incremental)
+                         seed=args.seed, incremental=args.incremental, voices=args.voices)
     print(format_table(table))
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))
     if args.stages:
-        wer = stage_wer(tts, args.corpus, n=args.n, seed=args.seed)
-        units = stage_unit_error(tts, args.corpus, n=args.n, seed=args.seed)
+        wer = stage_wer(tts, args.corpus, n=args.n, seed=args.seed, voices=args.voices)
+        units = stage_unit_error(tts, args.corpus, n=args.n, seed=args.seed, voices=args.voices)
         print(f"\n{'stage':34s} {'WER':>6s} {'unit error':>11s}")
         for stage in wer:
             print(f"{stage:34s} {wer[stage]:6.3f} {units[stage]:11.3f}")
@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--incremental", action="store_true")
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--json", help="also write the table as JSON")
+    e.add_argument("--voices", choices=["heldout", "seen"], default="heldout",
+                   help="held-out voices (zero-shot), or the training voices on their dev/test sentences")
     e.add_argument("--stages", action="store_true",
                    help="also print where the words are lost: WER and the speech tokenizer's unit error after each stage")
     p = sub.add_parser("pipeline", help="draw the pipeline diagram of a config preset to a PNG")

@@ -130,23 +130,36 @@ def equal_error_rate(scores: np.ndarray, labels: np.ndarray) -> tuple[float, flo
 
 
 # ---- end-to-end evaluation (a small Table 5 / Table 8) ---------------------------------------------
-def synthesis_trials(corpus_root: str | Path = "data/corpus", n: int = 8, lang: str = "en") -> list[dict]:
-    """Held-out sentences spoken by held-out voices: per trial the target record (its text and its
-    corpus recording) and a prompt record of the same voice with a different sentence."""
+# voice set -> (splits of the target sentences, split of the prompts)
+VOICE_SETS = {"heldout": (("heldout",), "heldout"), "seen": (("dev", "test"), "train")}
+
+
+def synthesis_trials(corpus_root: str | Path = "data/corpus", n: int = 8, lang: str = "en",
+                     voices: str = "heldout") -> list[dict]:
+    """Sentences the models never trained on, each with a prompt: per trial the target record (its
+    text and its corpus recording) and a prompt record of the same voice with a different sentence.
+    ``voices="heldout"``: held-out voices (the zero-shot case); ``"seen"``: the dev/test sentences of
+    the training voices, prompted by a training recording, to tell speaker generalisation apart from
+    what the models make of the words."""
     from .data import load_manifest
 
-    records = [r for r in load_manifest(corpus_root, "heldout") if r["lang"] == lang]
+    if voices not in VOICE_SETS:
+        raise ValueError(f"voices must be one of {sorted(VOICE_SETS)}, got {voices!r}")
+    target_splits, prompt_split = VOICE_SETS[voices]
+    records = [r for split in target_splits for r in load_manifest(corpus_root, split) if r["lang"] == lang]
+    prompts = [r for r in load_manifest(corpus_root, prompt_split) if r["lang"] == lang]
     if len(records) < 2:
-        raise ValueError(f"the corpus under {corpus_root} has fewer than 2 held-out {lang} utterances")
+        raise ValueError(f"the corpus under {corpus_root} has fewer than 2 {'/'.join(target_splits)} {lang} utterances")
     by_voice: dict[str, list[dict]] = {}
     for r in records:
         by_voice.setdefault(r["speaker"], []).append(r)
-    voices = sorted(by_voice)
+    voice_names = sorted(by_voice)
     trials = []
     for k in range(n):
-        own = by_voice[voices[k % len(voices)]]
-        target = own[(k // len(voices)) % len(own)]
-        prompt = min((r for r in own if r["id"] != target["id"]), key=lambda r: abs(r["duration"] - 4.0))
+        own = by_voice[voice_names[k % len(voice_names)]]
+        target = own[(k // len(voice_names)) % len(own)]
+        candidates = [r for r in prompts if r["speaker"] == target["speaker"] and r["id"] != target["id"]]
+        prompt = min(candidates, key=lambda r: abs(r["duration"] - 4.0))
         trials.append({"target": target, "prompt": prompt})
     return trials
 
@@ -164,7 +177,7 @@ def _word_stream(text: str) -> Iterator[str]:
 
 
 def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes: tuple[str, ...] = ("offline", "FM stream"),
-                 seed: int = 0, incremental: bool = False, progress: bool = True) -> dict[str, dict[str, float]]:
+                 seed: int = 0, incremental: bool = False, progress: bool = True, voices: str = "heldout") -> dict[str, dict[str, float]]:
     """WER (pocketsphinx) and speaker similarity to the prompt (resemblyzer and the pipeline's own
     CAM++) of zero-shot synthesis on :func:`synthesis_trials`, per mode of :data:`EVAL_MODES`, next
     to the same numbers for the corpus recordings themselves ("corpus audio"). Also the mean RTF
@@ -186,7 +199,7 @@ def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes
     unknown = set(modes) - EVAL_MODES.keys()
     if unknown:
         raise ValueError(f"unknown evaluation modes {sorted(unknown)}; choose from {list(EVAL_MODES)}")
-    trials = synthesis_trials(root, n)
+    trials = synthesis_trials(root, n, voices=voices)
     rows: dict[str, dict[str, list]] = {m: {"ref": [], "hyp": [], "sim": [], "sim_campp": [], "rtf": [], "fpl": []}
                                         for m in ("corpus audio", *modes)}
     for trial in tqdm(trials, desc="synthesis evaluation", disable=not progress):
@@ -233,8 +246,8 @@ STAGES = ("corpus audio", "Griffin-Lim on the true mel", "HiFT on the true mel",
 
 
 @torch.inference_mode()
-def stage_outputs(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0
-                  ) -> Iterator[tuple[dict, list[np.ndarray]]]:
+def stage_outputs(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0,
+                  voices: str = "heldout") -> Iterator[tuple[dict, list[np.ndarray]]]:
     """Per :func:`synthesis_trials` trial, its target record and the audio after each of
     :data:`STAGES`: the recording itself, each vocoder on its true mel, the flow on its true speech
     tokens (in the prompt's voice) + HiFT, and the whole zero-shot pipeline (the LM's own tokens)."""
@@ -242,7 +255,7 @@ def stage_outputs(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed
     from .hift import griffin_lim
 
     root, sr = Path(corpus_root), tts.sample_rate
-    for trial in synthesis_trials(root, n):
+    for trial in synthesis_trials(root, n, voices=voices):
         target, prompt_rec = trial["target"], trial["prompt"]
         wav, _ = load_wav(root / target["path"], sr)
         mel = mel_spectrogram(wav)
@@ -255,18 +268,20 @@ def stage_outputs(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed
                                                            str(root / prompt_rec["path"]), seed=seed))[0].numpy()]
 
 
-def stage_wer(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0) -> dict[str, float]:
+def stage_wer(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0,
+              voices: str = "heldout") -> dict[str, float]:
     """Where intelligibility is lost: pocketsphinx's WER after each of :func:`stage_outputs`'s stages."""
     asr, refs = SphinxASR(), []
     hyps: dict[str, list[str]] = {stage: [] for stage in STAGES}
-    for target, outputs in stage_outputs(tts, corpus_root, n, seed):
+    for target, outputs in stage_outputs(tts, corpus_root, n, seed, voices):
         refs.append(target["text"])
         for stage, audio in zip(STAGES, outputs):
             hyps[stage].append(asr.transcribe(audio, tts.sample_rate))
     return {stage: error_rate(refs, h, "en") for stage, h in hyps.items()}
 
 
-def stage_unit_error(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0) -> dict[str, float]:
+def stage_unit_error(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0,
+                     voices: str = "heldout") -> dict[str, float]:
     """What the speech tokens carry through each stage: the unit error of the speech tokenizer's own
     ASR head (§2.2) reading each of :func:`stage_outputs`'s outputs. On the recordings it is the
     tokens' own loss; a stage that keeps what the tokens say stays near it."""
@@ -277,7 +292,7 @@ def stage_unit_error(tts, corpus_root: str | Path = "data/corpus", n: int = 8, s
         raise ValueError("stage_unit_error needs minicosy's own speech tokenizer and its ASR head; "
                          "the official ONNX tokenizer has no ASR head")
     hyps: dict[str, list[list[str]]] = {stage: [] for stage in STAGES}
-    for target, outputs in stage_outputs(tts, corpus_root, n, seed):
+    for target, outputs in stage_outputs(tts, corpus_root, n, seed, voices):
         refs.append(transcript(target["text"], target["lang"]))
         for stage, audio in zip(STAGES, outputs):
             hyps[stage].append(tokenizer.read_units(audio, tts.sample_rate))

@@ -19,6 +19,17 @@ def test_synthesis_trials_pair_held_out_sentences_with_another_prompt_of_the_sam
     assert "".join(_word_stream("It costs 5 dollars.")) == "It costs five dollars."
 
 
+def test_seen_voice_trials_take_dev_test_sentences_of_training_voices_with_a_training_prompt(corpus_root):
+    trials = synthesis_trials(corpus_root, n=8, voices="seen")
+    held = {t["target"]["speaker"] for t in synthesis_trials(corpus_root, n=2)}
+    assert len({t["target"]["speaker"] for t in trials}) > 2 and not held & {t["target"]["speaker"] for t in trials}
+    for t in trials:
+        assert t["target"]["split"] in ("dev", "test") and t["prompt"]["split"] == "train"
+        assert t["target"]["speaker"] == t["prompt"]["speaker"] and t["target"]["lang"] == "en"
+    with pytest.raises(ValueError, match="voices must be one of"):
+        synthesis_trials(corpus_root, n=1, voices="famous")
+
+
 def test_evaluate_tts_reports_the_corpus_reference_and_each_mode(corpus_root):
     tts = CosyVoice2.from_pretrained("tiny")
     table = evaluate_tts(tts, corpus_root, n=1, modes=("offline", "LM+FM stream"), progress=False)
@@ -38,7 +49,8 @@ def test_stage_wer_follows_the_pipeline_stage_by_stage(corpus_root):
 
 
 def test_eval_command_prints_the_table_and_the_stages(corpus_root, capsys):
-    main(["eval", "--corpus", str(corpus_root), "--n", "1", "--modes", "offline", "--stages", "--threads", "1"])
+    main(["eval", "--corpus", str(corpus_root), "--n", "1", "--modes", "offline", "--stages", "--threads", "1",
+          "--voices", "seen"])
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("offline") for line in lines)
     rows = {stage: line.split()[-2:] for line in lines for stage in STAGES if line.startswith(stage + " ")}
