@@ -110,7 +110,7 @@ def tts_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     import torch
 
-    from .eval import evaluate_tts, format_table, stage_unit_error, stage_wer
+    from .eval import evaluate_tts, format_table, stage_outputs, stage_unit_error, stage_wer
     from .pipeline import CosyVoice2
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
@@ -121,8 +121,8 @@ def eval_command(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))
     if args.stages:
-        wer = stage_wer(tts, args.corpus, n=args.n, seed=args.seed, voices=args.voices)
-        units = stage_unit_error(tts, args.corpus, n=args.n, seed=args.seed, voices=args.voices)
+        outputs = list(stage_outputs(tts, args.corpus, n=args.n, seed=args.seed, voices=args.voices))
+        wer, units = stage_wer(tts, outputs=outputs), stage_unit_error(tts, outputs=outputs)
         print(f"\n{'stage':34s} {'WER':>6s} {'unit error':>11s}")
         for stage in wer:
             print(f"{stage:34s} {wer[stage]:6.3f} {units[stage]:11.3f}")

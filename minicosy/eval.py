@@ -269,22 +269,24 @@ def stage_outputs(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed
 
 
 def stage_wer(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0,
-              voices: str = "heldout") -> dict[str, float]:
-    """Where intelligibility is lost: pocketsphinx's WER after each of :func:`stage_outputs`'s stages."""
+              voices: str = "heldout", outputs: list | None = None) -> dict[str, float]:
+    """Where intelligibility is lost: pocketsphinx's WER after each of :func:`stage_outputs`'s stages
+    (``outputs``: that generator's items, already synthesised, to score them more than one way)."""
     asr, refs = SphinxASR(), []
     hyps: dict[str, list[str]] = {stage: [] for stage in STAGES}
-    for target, outputs in stage_outputs(tts, corpus_root, n, seed, voices):
+    for target, audios in outputs or stage_outputs(tts, corpus_root, n, seed, voices):
         refs.append(target["text"])
-        for stage, audio in zip(STAGES, outputs):
+        for stage, audio in zip(STAGES, audios):
             hyps[stage].append(asr.transcribe(audio, tts.sample_rate))
     return {stage: error_rate(refs, h, "en") for stage, h in hyps.items()}
 
 
 def stage_unit_error(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed: int = 0,
-                     voices: str = "heldout") -> dict[str, float]:
+                     voices: str = "heldout", outputs: list | None = None) -> dict[str, float]:
     """What the speech tokens carry through each stage: the unit error of the speech tokenizer's own
-    ASR head (§2.2) reading each of :func:`stage_outputs`'s outputs. On the recordings it is the
-    tokens' own loss; a stage that keeps what the tokens say stays near it."""
+    ASR head (§2.2) reading each of :func:`stage_outputs`'s outputs (or ``outputs``, as in
+    :func:`stage_wer`). On the recordings it is the tokens' own loss; a stage that keeps what the
+    tokens say stays near it."""
     from .speech_tokenizer import transcript, unit_error_rate
 
     tokenizer, refs = tts.frontend.speech_tokenizer, []
@@ -292,9 +294,9 @@ def stage_unit_error(tts, corpus_root: str | Path = "data/corpus", n: int = 8, s
         raise ValueError("stage_unit_error needs minicosy's own speech tokenizer and its ASR head; "
                          "the official ONNX tokenizer has no ASR head")
     hyps: dict[str, list[list[str]]] = {stage: [] for stage in STAGES}
-    for target, outputs in stage_outputs(tts, corpus_root, n, seed, voices):
+    for target, audios in outputs or stage_outputs(tts, corpus_root, n, seed, voices):
         refs.append(transcript(target["text"], target["lang"]))
-        for stage, audio in zip(STAGES, outputs):
+        for stage, audio in zip(STAGES, audios):
             hyps[stage].append(tokenizer.read_units(audio, tts.sample_rate))
     return {stage: unit_error_rate(refs, h) for stage, h in hyps.items()}
 
