@@ -17,7 +17,7 @@ test: setup corpus
 
 setup: $(VENV)/.minicosy-setup
 
-$(VENV)/.minicosy-setup: pyproject.toml scripts/setup.sh
+$(VENV)/.minicosy-setup: pyproject.toml constraints.txt scripts/setup.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 

@@ -322,7 +322,7 @@ def _condition_change(condition: str, wav: np.ndarray, neutral: np.ndarray, sr: 
         return float("nan")
 
 
-def _right_sign(condition: str, change: float) -> bool:
+def right_sign(condition: str, change: float) -> bool:
     """Whether a measured change goes the way the condition asks (never for NaN)."""
     from .instruct import CONDITIONS
 
@@ -423,8 +423,8 @@ def instruction_table(model: dict[str, list[float]], corpus: dict[str, list[floa
         cond = CONDITIONS[c]
         asked = "louder" if cond.emphasis else f"{cond.semitones:+.0f} st" if cond.semitones else f"x{cond.rate:g}"
         line = (f"{c:12s} {unit[c]:15s} {asked:>7s} {np.nanmean(values) if np.isfinite(values).any() else np.nan:8.2f} "
-                f"{np.mean([_right_sign(c, v) for v in values]):10.0%}")
+                f"{np.mean([right_sign(c, v) for v in values]):10.0%}")
         if corpus:
-            line += f" {np.nanmean(corpus[c]):8.2f} {np.mean([_right_sign(c, v) for v in corpus[c]]):10.0%}"
+            line += f" {np.nanmean(corpus[c]):8.2f} {np.mean([right_sign(c, v) for v in corpus[c]]):10.0%}"
         lines.append(line)
     return "\n".join(lines)

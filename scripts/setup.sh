@@ -32,6 +32,16 @@ if [ -n "$missing" ]; then
   fi
 fi
 
+# The Debian engines render the corpus: other versions render other audio (corpus.json records them).
+TESTED_DEB="flite=2.2-5 espeak-ng=1.51+dfsg-10+deb12u2"
+if command -v dpkg-query >/dev/null; then
+  for pv in $TESTED_DEB; do
+    have=$(dpkg-query -W -f='${Version}' "${pv%%=*}" 2>/dev/null || true)
+    [ -z "$have" ] || [ "$have" = "${pv#*=}" ] || echo "note: ${pv%%=*} $have is installed; the corpus was tested with ${pv#*=}" \
+      "(a different version renders different audio, so the notebooks' measured numbers may move)" >&2
+  done
+fi
+
 # --system-site-packages: a torch already installed for this Python is kept, not replaced.
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
 PY="$VENV/bin/python"
@@ -39,7 +49,8 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
   # On the project's machines this takes the local CPU build; an unpinned torch would pull CUDA.
   "$PY" -m pip install -q torch==2.13.0
 fi
-"$PY" -m pip install -q -e ".[dev,data,eval]"
+# constraints.txt pins the tested versions (the corpus audio and the evaluation depend on them)
+"$PY" -m pip install -q -c constraints.txt -e ".[dev,data,eval]"
 # notebooks run on this environment's Python (not a system-wide "python3" kernel)
 "$PY" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (minicosy)" >/dev/null
 echo "set-up done: $("$PY" -c 'import torch, minicosy; print("torch", torch.__version__)')"

@@ -180,7 +180,7 @@ def test_emphasis_contrast_finds_a_louder_higher_word():
 
 
 def test_instruction_changes_and_table():
-    from minicosy.eval import _condition_change, _right_sign, instruction_table
+    from minicosy.eval import _condition_change, right_sign, instruction_table
 
     slow, normal = padded(harmonic(150, 1.5)), padded(harmonic(150, 1.0))
     assert abs(_condition_change("very_slow", slow, normal, SR) - 1.0 / 1.5) < 0.03
@@ -188,8 +188,8 @@ def test_instruction_changes_and_table():
     assert abs(_condition_change("high_pitch", up, normal, SR) - 4) < 0.3
     silent = np.zeros(SR, np.float32)
     assert np.isnan(_condition_change("fast", silent, normal, SR))          # unmeasurable, not a crash
-    assert _right_sign("very_slow", 0.7) and not _right_sign("very_slow", 1.2) and not _right_sign("fast", float("nan"))
-    assert _right_sign("low_pitch", -1.0) and _right_sign("emphasis", 0.5) and not _right_sign("emphasis", -0.5)
+    assert right_sign("very_slow", 0.7) and not right_sign("very_slow", 1.2) and not right_sign("fast", float("nan"))
+    assert right_sign("low_pitch", -1.0) and right_sign("emphasis", 0.5) and not right_sign("emphasis", -0.5)
     table = instruction_table({"fast": [1.2, float("nan")], "emphasis": [1.0, -1.0]}, {"fast": [1.3], "emphasis": [2.0]})
     rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
     assert rows["fast"][-4:] == ["1.20", "50%", "1.30", "100%"] and rows["emphasis"][-4:] == ["0.00", "50%", "2.00", "100%"]
