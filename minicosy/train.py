@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -292,7 +293,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_config: dict
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "model_config": model_config, "train_config": asdict(train_cfg),
-                "log": asdict(log), "made_by": {**provenance(), "torch": torch.__version__}, **extra}, path)
+                "log": asdict(log), "made_by": {**provenance(), "torch": str(torch.__version__)}, **extra}, path)
     card = {"file": path.name, "model_config": model_config, "train_config": asdict(train_cfg),
             "train_seconds": log.seconds, "final_loss": log.losses[-1] if log.losses else None,
             "made_by": provenance(),
@@ -320,11 +321,18 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, torch.
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by :func:`save_checkpoint`, weights cast back to float32."""
+    """A checkpoint written by :func:`save_checkpoint`, weights cast back to float32.
+
+    Loaded with ``weights_only=True``: tensors and plain Python types only, so a pickled object
+    (which could run code) is refused with a ``ValueError`` naming the file, never executed."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and plain types (refused: loading it could run code): "
+                         f"{str(e).splitlines()[-1] if str(e) else e}") from None
     if "state_dict" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a minicosy checkpoint (no state_dict/model_config)")
     ckpt["state_dict"] = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}

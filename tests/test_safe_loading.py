@@ -1,0 +1,50 @@
+"""Loading never runs code: checkpoints load with ``weights_only=True`` and a pickled payload is
+refused with a clear error before anything in it executes (issue: loading that fails safely)."""
+import pytest
+import torch
+
+from minicosy.campplus import CAMPPlus
+from minicosy.flow import CausalMaskedDiffWithXvec
+from minicosy.hift import HiFTGenerator
+from minicosy.lm import TextSpeechLM
+from minicosy.speech_tokenizer import SpeechTokenizer
+from minicosy.train import load_checkpoint
+
+from .conftest import ROOT
+
+CKPT = ROOT / "data" / "checkpoints"
+SHIPPED = {"lm_tiny.pt": TextSpeechLM, "flow_tiny.pt": CausalMaskedDiffWithXvec, "hift_tiny.pt": HiFTGenerator,
+           "campplus_tiny.pt": CAMPPlus, "speech_tokenizer_fsq.pt": SpeechTokenizer}
+
+
+class Payload:
+    """Unpickling this creates a file: the proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_shipped_checkpoints_hold_only_tensors_and_plain_types():
+    for name in [*SHIPPED, "speech_tokenizer_vq.pt", "spk2info_tiny.pt"]:
+        torch.load(CKPT / name, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_a_pickled_payload_is_refused_and_never_runs(tmp_path, name):
+    marker = tmp_path / "payload-ran"
+    ckpt = torch.load(CKPT / name, map_location="cpu", weights_only=True)
+    ckpt["extra"] = Payload(str(marker))
+    path = tmp_path / name
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=f"{name}.*refused"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="refused"):
+        SHIPPED[name].from_checkpoint(path)
+    assert not marker.exists(), "the payload ran"
+    # the same file without the payload loads and gives the shipped weights
+    del ckpt["extra"]
+    torch.save(ckpt, path)
+    assert load_checkpoint(path)["state_dict"].keys() == load_checkpoint(CKPT / name)["state_dict"].keys()
