@@ -204,6 +204,13 @@ class CorpusConfig:
     min_voices: int = 8
     # instruct sub-corpus (§2.6): training sentences per language, each under every condition
     instruct_sentences: tuple[tuple[str, int], ...] = (("en", 20), ("zh", 10), ("ja", 5))
+    # the large corpus (``build --size large``, never in CI): the small corpus plus distinct English
+    # sentences of data/texts/large, concentrated on a few voices that pocketsphinx reads well
+    large_root: str = "data/corpus_large"
+    large_voices: tuple[tuple[str, int], ...] = (("hibari_heart", 6500), ("flite_awb", 6500), ("flite_slt", 6500))
+    large_thin: int = 500             # sentences for each other English training voice
+    large_dev_fraction: float = 0.02  # of the large training sentences (by hash); the rest is train
+    large_eval: int = 60              # more sentences, read by every English voice: the "eval" split
 
 
 @dataclass

@@ -53,7 +53,7 @@ from .engines import VOICES, Voice, engine_available, engine_versions, synthesiz
 from .instruct import CONDITIONS, TEMPLATES, instruction, mark_word, render_voice, unsupported
 
 LANGS = ("en", "zh", "ja", "ko")
-SPLITS = ("train", "dev", "test", "heldout")
+SPLITS = ("train", "dev", "test", "heldout", "eval")    # eval: the large corpus' evaluation sentences
 INSTRUCT_DIR = "instruct"       # the instruct sub-corpus: <corpus>/instruct, a corpus root of its own
 MIN_SECONDS, MAX_SECONDS = 1.0, 15.0
 PEAK = 0.9
@@ -143,7 +143,8 @@ def _render_star(args: tuple) -> dict | None:
     return _render(*args)
 
 
-def render_jobs(jobs: list[Job], root: Path, sample_rate: int, workers: int | None = None) -> tuple[list[dict], list[dict]]:
+def render_jobs(jobs: list[Job], root: Path, sample_rate: int, workers: int | None = None,
+                progress: bool = True) -> tuple[list[dict], list[dict]]:
     """Render ``jobs`` into ``root`` on ``workers`` processes (both cores by default), with a
     progress bar; returns the kept records and the dropped ones (outside the duration limits)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -153,9 +154,9 @@ def render_jobs(jobs: list[Job], root: Path, sample_rate: int, workers: int | No
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
             results = list(tqdm(pool.imap_unordered(_render_star, tasks, chunksize=8), total=len(tasks),
-                                desc=desc))
+                                desc=desc, disable=not progress))
     else:
-        results = [_render_star(t) for t in tqdm(tasks, desc=desc)]
+        results = [_render_star(t) for t in tqdm(tasks, desc=desc, disable=not progress)]
     records = sorted((r for r in results if "dropped" not in r), key=lambda r: r["id"])
     return records, sorted((r for r in results if "dropped" in r), key=lambda r: r["id"])
 
@@ -205,6 +206,84 @@ def build_corpus(cfg: CorpusConfig | None = None, workers: int | None = None, li
                                               "gender": v.gender, "heldout": v.heldout, **v.params}
                                              for v in voices])
     (root / "corpus.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    return summary
+
+
+def read_large_texts(texts_dir: str | Path) -> dict[str, list[str]]:
+    """The large corpus' English sentences (``<texts>/large/en_*.txt``, see its SOURCES.md), per
+    source: ``{"wordnet": [...], "bible": [...]}``."""
+    files = sorted((Path(texts_dir) / "large").glob("en_*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no {Path(texts_dir) / 'large'}/en_*.txt: write them with `python scripts/large_texts.py`")
+    return {f.stem[3:]: [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()] for f in files}
+
+
+def plan_large(texts: dict[str, list[str]], large: dict[str, list[str]], voices: list[Voice],
+               cfg: CorpusConfig) -> list[Job]:
+    """The large corpus: every job of :func:`plan_corpus` (so its dev/test/held-out evaluation
+    sentences are the small corpus' own) plus distinct large-text sentences, each rendered once:
+    ``cfg.large_voices`` get their counts, every other English training voice ``cfg.large_thin``.
+    Sentences are drawn from a seeded shuffle of all sources; a share ``cfg.large_dev_fraction``
+    (by a hash of the sentence id) is ``dev``, the rest ``train``. Then ``cfg.large_eval`` more
+    sentences are read by every English voice, held-out ones included: the ``eval`` split, which
+    no training, dev or tokenizer data contains, so that each voice's recordings and syntheses of
+    the same sentences can be compared."""
+    by_name = {v.name: v for v in voices}
+    missing = [name for name, _ in cfg.large_voices if name not in by_name]
+    if missing:
+        raise ValueError(f"large-corpus voices {missing} are not available (engine not installed or unknown voice)")
+    main = [(by_name[name], n) for name, n in cfg.large_voices]
+    thin = [(v, cfg.large_thin) for v in voices
+            if v.lang == "en" and not v.heldout and v.name not in dict(cfg.large_voices)]
+    pool = [(f"{src[:2]}{i:05d}", text) for src, sentences in sorted(large.items()) for i, text in enumerate(sentences)]
+    random.Random(cfg.seed + 17).shuffle(pool)
+    needed = sum(n for _, n in main + thin) + cfg.large_eval
+    if needed > len(pool):
+        raise ValueError(f"the large corpus asks for {needed} sentences; data/texts/large has {len(pool)}")
+    jobs, k = plan_corpus(texts, voices, cfg), 0
+    for voice, n in main + thin:
+        for sid, text in pool[k:k + n]:
+            h = int(hashlib.sha1(f"{cfg.seed}:{sid}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            jobs.append(Job(f"{voice.name}-{sid}", text, voice, "dev" if h < cfg.large_dev_fraction else "train"))
+        k += n
+    for voice in [v for v in voices if v.lang == "en"]:
+        jobs += [Job(f"{voice.name}-{sid}", text, voice, "eval") for sid, text in pool[k:k + cfg.large_eval]]
+    return sorted(jobs, key=lambda j: j.id)
+
+
+def build_large(cfg: CorpusConfig | None = None, workers: int | None = None, chunk: int = 512) -> dict:
+    """Render the large corpus (:func:`plan_large`) into ``cfg.large_root``, resumably: every
+    ``chunk`` utterances the records are appended to ``manifest.partial.jsonl``, and a restarted
+    build renders only what is not there (rendering is deterministic, so the result is the same as
+    one uninterrupted build). Ends with ``manifest.jsonl`` and ``corpus.json`` as :func:`build_corpus`."""
+    cfg = cfg or CorpusConfig()
+    root, start = Path(cfg.large_root), time.time()
+    voices = [v for v in VOICES if engine_available(v.engine)]
+    jobs = plan_large(read_texts(cfg.texts), read_large_texts(cfg.texts), voices, cfg)
+    partial = root / "manifest.partial.jsonl"
+    done: dict[str, dict] = {}
+    if partial.exists():
+        with open(partial, encoding="utf-8") as f:
+            done = {r["id"]: r for r in map(json.loads, f)}
+    todo = [j for j in jobs if j.id not in done]
+    root.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"large corpus under {root}", unit="utt") as bar:
+        for i in range(0, len(todo), chunk):
+            records, dropped = render_jobs(todo[i:i + chunk], root, cfg.sample_rate, workers, progress=False)
+            with open(partial, "a", encoding="utf-8") as f:
+                for r in records + dropped:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    done[r["id"]] = r
+            bar.update(len(todo[i:i + chunk]))
+    records = sorted((r for r in done.values() if "dropped" not in r), key=lambda r: r["id"])
+    write_manifest(root, records)
+    summary = corpus_stats(records)
+    summary.update(fingerprint=corpus_fingerprint(root, records), sentences=len({r["text"] for r in records}),
+                   dropped=sorted((r for r in done.values() if "dropped" in r), key=lambda r: r["id"]),
+                   build_seconds=round(time.time() - start, 1), large_voices=dict(cfg.large_voices),
+                   large_thin=cfg.large_thin)
+    (root / "corpus.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    partial.unlink()
     return summary
 
 
@@ -358,16 +437,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minicosy.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="render the corpus")
-    b.add_argument("--root", default=CorpusConfig.root)
+    b.add_argument("--root", default=None, help=f"default {CorpusConfig.root} ({CorpusConfig.large_root} with --size large)")
     b.add_argument("--texts", default=CorpusConfig.texts, help="folder of the sentence files")
     b.add_argument("--workers", type=int, default=None)
     b.add_argument("--limit", type=int, default=None, help="at most N utterances per voice")
     b.add_argument("--force", action="store_true", help="rebuild over an existing corpus")
     b.add_argument("--if-missing", action="store_true", help="do nothing if the corpus exists")
+    b.add_argument("--size", choices=("small", "large"), default="small",
+                   help="large: the small corpus plus tens of thousands of English sentences (hours; resumable; "
+                        "into --root, default data/corpus_large)")
     s = sub.add_parser("stats", help="print hours per language / voice / split")
     s.add_argument("--root", default=CorpusConfig.root)
     args = parser.parse_args(argv)
-    if args.cmd == "build":
+    if args.cmd == "build" and args.size == "large":
+        summary = build_large(CorpusConfig(large_root=args.root or CorpusConfig.large_root, texts=args.texts), args.workers)
+        print_stats(summary)
+        print(f"\n{summary['sentences']} distinct sentences; fingerprint {summary['fingerprint']['sha256'][:16]}; "
+              f"built in {summary['build_seconds']} s")
+    elif args.cmd == "build":
+        args.root = args.root or CorpusConfig.root
         if args.if_missing and (Path(args.root) / "manifest.jsonl").exists():
             print(f"corpus already built under {args.root} (--force rebuilds it)")
         else:

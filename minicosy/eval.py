@@ -164,6 +164,33 @@ def synthesis_trials(corpus_root: str | Path = "data/corpus", n: int = 8, lang: 
     return trials
 
 
+READABLE_WER = 0.30     # voices whose recordings pocketsphinx reads at most this badly carry the bars
+
+
+def recording_wer_by_voice(corpus_root: str | Path = "data/corpus", splits: tuple[str, ...] = ("eval",),
+                           lang: str = "en", per_voice: int | None = None, progress: bool = True) -> dict[str, dict]:
+    """How well the judge reads each voice's own recordings: per voice, pocketsphinx's WER over
+    its utterances of ``splits`` (at most ``per_voice`` of them, the first by id). pocketsphinx is
+    biased against formant voices (espeak), so a synthesis is compared with its voice's recordings,
+    and the bars are taken over the voices read at WER <= :data:`READABLE_WER`."""
+    from tqdm.auto import tqdm
+
+    from .audio import load_wav
+    from .data import load_manifest
+
+    records = [r for split in splits for r in load_manifest(corpus_root, split) if r["lang"] == lang]
+    by_voice: dict[str, list[dict]] = {}
+    for r in sorted(records, key=lambda r: r["id"]):
+        by_voice.setdefault(r["speaker"], []).append(r)
+    asr, table = SphinxASR(), {}
+    for voice, rs in tqdm(sorted(by_voice.items()), desc="reading the recordings", disable=not progress):
+        rs = rs[:per_voice]
+        hyps = [asr.transcribe(*load_wav(Path(corpus_root) / r["path"])) for r in rs]
+        wer = error_rate([r["text"] for r in rs], hyps, lang)
+        table[voice] = {"n": len(rs), "WER": wer, "readable": wer <= READABLE_WER}
+    return table
+
+
 # Table 8's grid: (LM streaming = text fed in 5-token chunks, bistream; flow/vocoder streaming)
 EVAL_MODES = {"offline": (False, False), "FM stream": (False, True), "LM stream": (True, False),
               "LM+FM stream": (True, True)}

@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 
 from minicosy.config import CorpusConfig
-from minicosy.data import (LANGS, CorpusDataset, build_corpus, corpus_stats, load_manifest, plan_corpus, read_texts,
-                           sentence_split)
+from minicosy.data import (LANGS, CorpusDataset, build_corpus, build_large, corpus_stats, load_manifest, plan_corpus,
+                           read_large_texts, read_texts, render_jobs, sentence_split)
 from minicosy.engines import VOICES, engine_available, synthesize
 
 from .conftest import ROOT
@@ -137,3 +137,50 @@ def test_built_corpus(corpus_root):
     assert item["sr"] == 24000 and item["lang"] == "en"
     assert abs(len(item["wav"]) / 24000 - item["duration"]) < 1e-3
     assert 0.85 < float(np.abs(item["wav"].numpy()).max()) < 0.95      # peak-normalised to 0.9
+
+
+def test_large_texts_leave_the_evaluation_sentences_unseen():
+    """The large corpus' sentences are distinct, and none is one of the project's own sentences
+    (whose dev/test share are the evaluation sentences of every voice set)."""
+    key = lambda s: re.sub(r"[^a-z ]", "", s.lower()).strip()  # noqa: E731
+    large = read_large_texts(TEXTS)
+    assert set(large) == {"wordnet", "bible"} and sum(map(len, large.values())) >= 20000
+    keys = [key(s) for sentences in large.values() for s in sentences]
+    assert len(set(keys)) == len(keys)
+    assert not set(keys) & {key(s) for s in read_texts(TEXTS)["en"]}
+
+
+def test_large_build_is_resumable(tmp_path, monkeypatch):
+    """An interrupted large build, restarted, ends byte-identical to an uninterrupted one (the
+    small corpus' part of the plan is left out here to keep the test short)."""
+    if not all(engine_available(e) for e in ("flite", "espeak", "piper", "hibari")):
+        pytest.skip("the English engines are not all installed")
+    monkeypatch.setattr("minicosy.data.plan_corpus", lambda *args, **kwargs: [])
+    cfg = dict(texts=str(TEXTS), large_voices=(("flite_slt", 3), ("piper_joe", 2)), large_thin=1, large_eval=1)
+    whole = build_large(CorpusConfig(large_root=str(tmp_path / "whole"), **cfg), workers=1, chunk=3)
+    records = load_manifest(tmp_path / "whole")
+    english = [v for v in VOICES if v.lang == "en"]
+    thin = [v for v in english if not v.heldout and v.name not in ("flite_slt", "piper_joe")]
+    assert len(records) + len(whole["dropped"]) == 3 + 2 + len(thin) + len(english)
+    training = [r for r in records if r["split"] != "eval"]
+    assert len({r["text"] for r in training}) == len(training) and {r["split"] for r in training} <= {"train", "dev"}
+    evaluation = [r for r in records if r["split"] == "eval"]        # one sentence, read by every English voice
+    assert len({r["text"] for r in evaluation}) == 1 and not {r["text"] for r in evaluation} & {r["text"] for r in training}
+
+    real_render = render_jobs
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr("minicosy.data.render_jobs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_large(CorpusConfig(large_root=str(tmp_path / "resumed"), **cfg), workers=1, chunk=3)
+    assert len((tmp_path / "resumed" / "manifest.partial.jsonl").read_text().splitlines()) == 3
+    monkeypatch.setattr("minicosy.data.render_jobs", real_render)
+    resumed = build_large(CorpusConfig(large_root=str(tmp_path / "resumed"), **cfg), workers=1, chunk=3)
+    assert resumed["fingerprint"]["sha256"] == whole["fingerprint"]["sha256"]
+    assert not (tmp_path / "resumed" / "manifest.partial.jsonl").exists()
