@@ -46,6 +46,7 @@ class TextTokenizerConfig:
 
     vocab_size: int = 151936          # Qwen2 vocabulary (full); the tiny BPE is trained to this size
     mask_multichar_cjk: bool = True   # §2.1: BPE tokens covering > 1 CJK character are never emitted
+    units: str = "bpe"                # "bpe" (§2.1) or "phone": reading units (text_tokenizer.UnitTokenizer)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class SpeechTokenizerConfig:
     downsample: int = 4               # 100 Hz Whisper frames -> 25 Hz tokens
     fsq_dim: int = 8                  # D in eq. 1-2
     fsq_levels: int = 1               # K: each digit in [-K, K]; (2K+1)^D codes
+    quant_layernorm: bool = False     # a LayerNorm on H before Proj_down (not in the official model)
     vq_codebook_size: int = 4096      # VQ baseline for the comparison (Table 4)
 
     @property
@@ -252,7 +254,7 @@ def tiny() -> MiniCosyConfig:
     cfg = MiniCosyConfig(name="tiny")
     cfg.text = TextTokenizerConfig(vocab_size=2000)
     cfg.speech_tokenizer = SpeechTokenizerConfig(
-        d_model=128, n_heads=4, encoder1_layers=2, encoder2_layers=2, fsmn_kernel=11)
+        d_model=128, n_heads=4, encoder1_layers=2, encoder2_layers=2, fsmn_kernel=11, quant_layernorm=True)
     cfg.lm = LMConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2)
     cfg.flow = FlowConfig(input_size=128, encoder_size=128, encoder_heads=2,

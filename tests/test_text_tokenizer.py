@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from minicosy.text_tokenizer import COSYVOICE_SPECIAL_TOKENS, QWEN_SPECIAL_TOKENS, TextTokenizer
+from minicosy.config import get_config
+from minicosy.text_tokenizer import (COSYVOICE_SPECIAL_TOKENS, QWEN_SPECIAL_TOKENS, TextTokenizer, UnitTokenizer,
+                                     corpus_texts, load_text_tokenizer)
 from minicosy.textnorm import HAN_RE, normalize_text, split_sentences
 
 from .conftest import ROOT
@@ -74,3 +76,35 @@ def test_normalisation_and_sentence_splitting():
     parts = split_sentences("今天天气很好。" * 30, max_len=40)
     assert all(len(p) <= 40 for p in parts) and "".join(parts) == "今天天气很好。" * 30
     assert split_sentences("...") == []
+
+
+@pytest.fixture(scope="module")
+def units(tmp_path_factory):
+    return UnitTokenizer.train(corpus_texts(ROOT / "data" / "texts"), tmp_path_factory.mktemp("units"))
+
+
+def test_reading_units_say_how_the_text_sounds(units):
+    """The tiny preset's text units: phones with word boundaries, prosodic punctuation, CJK
+    reading units, special tokens kept whole; an unseen English word still has its phones."""
+    assert units.tokens("Hello, world!") == ["HH", "AH", "L", "OW", ",", "W", "ER", "L", "D", "!"]
+    ids = units.special_token_ids
+    text = "Speak fast.<|endofprompt|>The <strong>train</strong> left[breath]."
+    got = units.tokens(text)
+    assert got[:9] == ["S", "P", "IY", "K", "▁", "F", "AE", "S", "T"] and got[9:11] == [".", "<|endofprompt|>"]
+    assert got[11:] == ["DH", "AH", "▁", "<strong>", "T", "R", "EY", "N", "</strong>", "▁", "L", "EH", "F", "T",
+                        "[breath]", "."]
+    assert units.encode("<|endofprompt|>") == [ids["<|endofprompt|>"]]
+    assert units.tokens("我们明天见。") == ["w", "o3", "m", "en5", "m", "ing2", "t", "ian1", "j", "ian4", "."]
+    assert units.tokens("ありがとう") == ["ア", "リ", "ガ", "ト", "ー"]
+    assert units.tokens("zyzzogeton") and units.encode("  ") == []      # not in the training text
+    assert max(units.encode(text)) < len(units) < 700
+    assert units.encode("On 3 May", normalize=True) == units.encode("On three May")
+    with pytest.raises(ValueError, match="must be a str"):
+        units.encode(b"bytes")
+
+
+def test_the_saved_folder_says_which_text_units(units, tok):
+    assert isinstance(load_text_tokenizer(units.folder), UnitTokenizer)
+    assert load_text_tokenizer(units.folder).vocab == units.vocab
+    assert isinstance(load_text_tokenizer(tok.hf.name_or_path), TextTokenizer)
+    assert get_config("tiny").text.units in ("bpe", "phone") and get_config("cosyvoice2_0p5b").text.units == "bpe"
