@@ -52,7 +52,7 @@ from .flow_encoder import UpsampleConformerEncoder
 from .flow_estimator import CausalConditionalDecoder
 from .masks import CHUNK_M, MASK_NAMES, NON_CAUSAL, chunk_size_of, make_pad_mask, sample_training_mask
 from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, recipe_parser, save_checkpoint,
-                    seed_everything, train_loop)
+                    seed_everything, state_file, train_loop)
 
 MAX_FIXED_NOISE_FRAMES = 15000   # 300 s of mel at 50 Hz
 
@@ -584,7 +584,7 @@ def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", re
                tokenizer: str | Path = "data/checkpoints/speech_tokenizer_fsq.pt",
                speaker_model: str | Path = "data/checkpoints/campplus_tiny.pt", batch_size: int = 12,
                max_tokens: int = 100, eval_utterances: int = 16, seed: int = 0,
-               threads: int = 2, device: str = "cpu", init: str | Path | None = None
+               threads: int = 2, device: str = "cpu", init: str | Path | None = None, state_path: str | None = None
                ) -> tuple[CausalMaskedDiffWithXvec, dict]:
     """Train the flow on the corpus' train split with ``recipe`` ("paper" or "official", see the
     module docstring), from scratch or from the weights of the flow checkpoint ``init`` (same
@@ -597,7 +597,7 @@ def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", re
     if init is not None:
         load_state_dict_checked(flow, load_checkpoint(init)["state_dict"], f"flow checkpoint {init} (--init)")
     tcfg = TrainConfig(lr=1e-3, warmup_steps=100, max_minutes=minutes, seed=seed, threads=threads,
-                       batch_seconds=batch_size * max_tokens / 25, device=device)
+                       batch_seconds=batch_size * max_tokens / 25, device=device, state_path=state_path)
     g = torch.Generator().manual_seed(seed)
     batches = random_batches(data["train"], batch_size, max_tokens, np.random.default_rng(seed))
     log = train_loop(flow, batches, lambda b: flow(b["token"], b["token_len"], b["feat"], b["embedding"], g)["loss"],
@@ -627,4 +627,4 @@ def train_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     train_flow(a.corpus, recipe=a.recipe, minutes=a.minutes, out=a.out, tokenizer=a.tokenizer,
                speaker_model=a.speaker_model, batch_size=a.batch_size, max_tokens=a.max_tokens, seed=a.seed,
-               threads=a.threads, device=a.device, init=a.init)
+               threads=a.threads, device=a.device, init=a.init, state_path=state_file(a.state, a.out))

@@ -51,7 +51,7 @@ from .data import INSTRUCT_DIR, load_manifest
 from .lm_sampling import Sampler, greedy_sampling, ras_sampling
 from .text_tokenizer import TextTokenizer
 from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, recipe_parser, save_checkpoint,
-                    seed_everything, train_loop)
+                    seed_everything, state_file, train_loop)
 
 IGNORE_ID = -1  # target (and input padding) value that the loss skips
 Ids = torch.Tensor | list[int] | tuple[int, ...]
@@ -551,5 +551,5 @@ def train_main(argv: list[str] | None = None) -> None:
         train += corpus_examples(instruct, ["train"], tok, a.speech_tokenizer) * a.instruct_repeat
     held = corpus_examples(a.corpus, ["dev", "test"], tok, a.speech_tokenizer)
     tcfg = TrainConfig(lr=a.lr, max_minutes=a.minutes, seed=a.seed, warmup_steps=50, threads=threads,
-                       validate_minutes=a.validate_minutes, device=a.device)
+                       validate_minutes=a.validate_minutes, device=a.device, state_path=state_file(a.state, a.out))
     train_lm(train, held, get_config(a.preset).lm, len(tok), tcfg, a.max_rows, a.out)

@@ -42,7 +42,8 @@ from .config import FeatureConfig, SpeechTokenizerConfig, get_config
 from .data import checkpoint_cache, load_manifest
 from .fsq import FSQ, VectorQuantizer
 from .textnorm import english_phones, transcript  # noqa: F401  (reading units; re-exported here)
-from .train import TrainConfig, load_checkpoint, recipe_parser, save_checkpoint, seed_everything, train_loop
+from .train import (TrainConfig, load_checkpoint, recipe_parser, save_checkpoint, seed_everything, state_file,
+                    train_loop)
 
 HOP = 160            # Whisper hop at 16 kHz
 SAMPLES_PER_TOKEN = 4 * HOP
@@ -394,7 +395,7 @@ def corpus_tokens(corpus_root: str | Path = "data/corpus",
 def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "fsq", preset: str = "tiny",
                     minutes: float = 8.0, out: str | Path | None = None, seed: int = 0,
                     threads: int = 2, device: str = "cpu", augmented: bool = True, spec_augment: bool = False,
-                    batch_seconds: float = 30.0) -> tuple[SpeechTokenizer, dict]:
+                    batch_seconds: float = 30.0, state_path: str | None = None) -> tuple[SpeechTokenizer, dict]:
     """Train the tiny tokenizer on the corpus' train split (each batch :func:`augment`-ed unless
     ``augmented`` is False, with SpecAugment's masks too if ``spec_augment``); evaluate on dev +
     test sentences of the training voices and on the held-out voices; save."""
@@ -403,7 +404,7 @@ def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "f
     held = load_features(corpus_root, "dev") + load_features(corpus_root, "test")
     model = SpeechTokenizer(get_config(preset).speech_tokenizer, build_vocab(train), quantizer)
     tcfg = TrainConfig(lr=3e-4, max_minutes=minutes, seed=seed, warmup_steps=100, threads=threads,
-                       batch_seconds=batch_seconds, device=device)
+                       batch_seconds=batch_seconds, device=device, state_path=state_path)
     rng = np.random.default_rng(seed)
     batches = length_batches(train, batch_frames=int(tcfg.batch_seconds * 100), rng=rng)
     start = time.time()
@@ -438,7 +439,8 @@ def train_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     out = a.out or f"data/checkpoints/speech_tokenizer_{a.quantizer}.pt"
     train_tokenizer(a.corpus, a.quantizer, minutes=a.minutes, out=out, seed=a.seed, threads=a.threads, device=a.device,
-                    augmented=not a.no_augment, spec_augment=a.spec_augment, batch_seconds=a.batch_seconds)
+                    augmented=not a.no_augment, spec_augment=a.spec_augment, batch_seconds=a.batch_seconds,
+                    state_path=state_file(a.state, out))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,6 +58,8 @@ class TrainConfig:
     log_every: int = 25
     validate_minutes: float = 0.0    # > 0: validate this often, keep the best weights (early stopping)
     device: str = "cpu"              # where the steps run; the model comes back on the CPU
+    state_path: str | None = None    # resumable training: weights, optimiser, step and clock saved here ...
+    state_minutes: float = 5.0       # ... this often, and a run that finds the file continues from it
 
 
 @dataclass
@@ -193,6 +195,12 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
     The steps run on ``cfg.device`` (batches are moved there); the model is handed back on the
     CPU, where the recipes evaluate and save, and ``validate`` sees it there too.
 
+    With ``cfg.state_path``, the weights, optimiser state, step, clock, loss curve and best
+    validated weights are written there every ``cfg.state_minutes``; a run that finds the file
+    resumes from it (the batch stream is replayed to the step it had reached), so a long run can
+    span several sessions: stop it any time, start the same command again. The file is removed
+    when the run ends.
+
     With ``validate`` (a held-out score, lower is better) and ``cfg.validate_minutes`` > 0, the
     score is taken that often and at the end, and the model ends with the best weights seen
     (early stopping); ``log.extra`` records the curve and the best step.
@@ -212,10 +220,30 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=True,
                                                             device_ids=[device] if device.type == "cuda" else None)
     opt = make_optimizer(model, cfg)
-    log, start = TrainLog(), time.time()
-    model.train()
-    bar = tqdm(desc=desc, unit="step", disable=rank != 0)
+    log, start, first = TrainLog(), time.time(), 0
     running, best, next_check = None, None, cfg.validate_minutes * 60
+    state = Path(cfg.state_path) if cfg.state_path else None
+    if state is not None and state.exists():          # resume: the clock and the schedule go on
+        saved = torch.load(state, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        first, running, log = saved["step"], saved["running"], TrainLog(**saved["log"])
+        start -= saved["elapsed"]
+        next_check = saved["next_check"]
+        best = saved["best"] and (saved["best"]["score"], saved["best"]["step"], saved["best"]["weights"])
+        for _ in range(first * world):                 # the batch stream where it was left
+            next(batches)
+    model.train()
+    bar = tqdm(desc=desc, unit="step", disable=rank != 0, initial=first)
+    next_save = time.time() - start + cfg.state_minutes * 60
+
+    def save_state(step: int) -> None:
+        tmp = state.with_suffix(".tmp")
+        torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+                    "step": step, "elapsed": time.time() - start, "running": running, "log": asdict(log),
+                    "next_check": next_check,
+                    "best": best and {"score": best[0], "step": best[1], "weights": best[2]}}, tmp)
+        tmp.replace(state)
 
     def check(step: int) -> None:
         nonlocal best
@@ -224,11 +252,15 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
         model.to(device).train()
         log.extra.setdefault("validation", []).append([step, round(time.time() - start, 1), round(score, 4)])
         if best is None or score < best[0]:
-            best = (score, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            best = (score, step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         bar.set_postfix(val=f"{score:.3g}")
 
-    for step in range(cfg.max_steps):
+    step = first
+    for step in range(first, cfg.max_steps):
         elapsed = time.time() - start
+        if state is not None and rank == 0 and elapsed >= next_save:
+            save_state(step)
+            next_save = elapsed + cfg.state_minutes * 60
         progress, due = from_main(max(step / cfg.max_steps, elapsed / (60 * cfg.max_minutes)),
                                   float(validate is not None and cfg.validate_minutes > 0 and elapsed >= next_check))
         if progress >= 1.0:
@@ -258,6 +290,8 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
     bar.close()
     model.cpu().eval()
     log.seconds = round(time.time() - start, 1)
+    if state is not None and rank == 0 and state.exists():
+        state.unlink()                                   # finished: nothing left to resume
     return log
 
 
@@ -351,7 +385,16 @@ def recipe_parser(name: str, minutes: float, out: str | None, device: bool = Fal
     p.add_argument("--threads", type=int, default=int(os.environ.get("MINICOSY_THREADS", 2)))
     if device:
         p.add_argument("--device", default="cpu", help="where the training steps run (cpu, cuda)")
+    p.add_argument("--state", default=None, help="resumable training state, saved every few minutes (default: "
+                   "beside --out as NAME.state.pt; running the same command again resumes it; 'none': off)")
     return p
+
+
+def state_file(state: str | None, out: str | Path | None) -> str | None:
+    """The recipes' ``--state``: given, derived from ``out`` (``flow_tiny.pt`` → ``flow_tiny.state.pt``), or off."""
+    if state == "none" or (state is None and out is None):
+        return None
+    return state or str(Path(out).with_suffix(".state.pt"))
 
 
 def main(argv: list[str] | None = None) -> None:

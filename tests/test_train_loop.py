@@ -1,4 +1,5 @@
 """The shared training loop: learning-rate schedule and early stopping on a validation score."""
+import pytest
 import torch
 
 from minicosy.train import TrainConfig, lr_factor, train_loop
@@ -29,3 +30,34 @@ def test_early_stopping_keeps_the_best_validated_weights():
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, seen[2][k])                       # not the last weights
     assert not torch.equal(seen[2]["weight"], seen[-1]["weight"])
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
+    """With ``state_path`` a run saves its weights, optimiser, step and clock; the same command
+    started again continues from there and ends where one uninterrupted run ends."""
+    x, y = torch.randn(64, 3, generator=torch.Generator().manual_seed(1)), torch.randn(64, 1)
+
+    def stream(stop_at: int | None = None):
+        for i in range(1000):
+            if i == stop_at:
+                raise KeyboardInterrupt                      # the session ends here
+            yield x[i % 8 * 8:(i % 8 + 1) * 8], y[i % 8 * 8:(i % 8 + 1) * 8]
+
+    def run(batches, state=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        cfg = TrainConfig(lr=0.05, max_steps=12, warmup_steps=2, threads=1, log_every=1, state_path=state,
+                          state_minutes=0.0)
+        log = train_loop(model, batches, lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1]), cfg)
+        return model, log
+
+    whole, whole_log = run(stream())
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(stream(stop_at=7), str(state))
+    assert state.exists() and torch.load(state, weights_only=True)["step"] == 7
+    resumed, log = run(stream(), str(state))
+    assert log.steps == whole_log.steps == list(range(12))
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v)
+    assert not state.exists()                                 # finished: nothing left to resume
