@@ -590,7 +590,10 @@ def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", re
     module docstring), from scratch or from the weights of the flow checkpoint ``init`` (same
     sizes); report the mel L1 per mask on dev + test sentences and on the held-out voices; save."""
     seed_everything(seed)
-    cfg = replace(get_config(preset).flow, training_recipe=recipe)
+    from .speech_tokenizer import SpeechTokenizer   # the speech vocabulary is the tokenizer's codebook
+
+    codes = SpeechTokenizer.from_checkpoint(tokenizer).codebook_size
+    cfg = replace(get_config(preset).flow, training_recipe=recipe, vocab_size=codes)
     data = {name: load_flow_data(corpus_root, splits, tokenizer, speaker_model, cfg.token_mel_ratio)
             for name, splits in (("train", ("train",)), ("dev_test", ("dev", "test")), ("heldout", ("heldout",)))}
     flow = CausalMaskedDiffWithXvec(cfg)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .audio import load_wav, mel_spectrogram, resample
-from .text_tokenizer import TextTokenizer
+from .text_tokenizer import TextTokenizer, UnitTokenizer
 from .textnorm import normalize_text, split_sentences
 
 MIN_PROMPT_SECONDS = 1.0
@@ -82,8 +82,8 @@ def read_prompt_audio(audio: PromptAudio, what: str = "prompt audio") -> tuple[n
 class Frontend:
     """Text and prompt processing shared by every inference mode."""
 
-    def __init__(self, text_tokenizer: TextTokenizer, speech_tokenizer: Tokenizes, speaker_model: Embeds,
-                 sample_rate: int = 24000, token_mel_ratio: int = 2) -> None:
+    def __init__(self, text_tokenizer: TextTokenizer | UnitTokenizer, speech_tokenizer: Tokenizes,
+                 speaker_model: Embeds, sample_rate: int = 24000, token_mel_ratio: int = 2) -> None:
         self.text_tokenizer, self.speech_tokenizer, self.speaker_model = text_tokenizer, speech_tokenizer, speaker_model
         self.sample_rate, self.token_mel_ratio = sample_rate, token_mel_ratio
 

@@ -49,7 +49,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from .config import LMConfig, get_config
 from .data import INSTRUCT_DIR, load_manifest
 from .lm_sampling import Sampler, greedy_sampling, ras_sampling
-from .text_tokenizer import TextTokenizer
+from .text_tokenizer import TextTokenizer, UnitTokenizer, load_text_tokenizer
 from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, recipe_parser, save_checkpoint,
                     seed_everything, state_file, train_loop)
 
@@ -417,7 +417,8 @@ def load_official_llm(checkpoint: str | Path | Mapping[str, torch.Tensor], lm: T
 
 
 # ----- training recipe (``python -m minicosy.train lm``) ----------------------------------------
-def lm_examples(records: list[dict], text_tokenizer: TextTokenizer, speech_tokens: Mapping[str, torch.Tensor]) -> list[dict]:
+def lm_examples(records: list[dict], text_tokenizer: TextTokenizer | UnitTokenizer,
+                speech_tokens: Mapping[str, torch.Tensor]) -> list[dict]:
     """Training pairs of corpus utterances: normalised text ids and their 25 Hz speech tokens.
     A record's ``instruction`` (instruct sub-corpus, ending in ``<|endofprompt|>``) goes before its
     text, unnormalised, as :meth:`~minicosy.pipeline.CosyVoice2.inference_instruct2` feeds it (§2.6).
@@ -433,7 +434,7 @@ def lm_examples(records: list[dict], text_tokenizer: TextTokenizer, speech_token
     return out
 
 
-def corpus_examples(corpus_root: str | Path, splits: Iterable[str], text_tokenizer: TextTokenizer,
+def corpus_examples(corpus_root: str | Path, splits: Iterable[str], text_tokenizer: TextTokenizer | UnitTokenizer,
                     speech_tokenizer: str | Path, augmented_copy: int = 0) -> list[dict]:
     """:func:`lm_examples` of the corpus splits, with the tokens of the given speech tokenizer (§2.2)
     (of an augmented copy of the train split if ``augmented_copy`` > 0, see ``corpus_tokens``)."""
@@ -529,7 +530,8 @@ def train_main(argv: list[str] | None = None) -> None:
     p = recipe_parser("lm", 12.0, "data/checkpoints/lm_tiny.pt", device=True)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--speech-tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt")
-    p.add_argument("--text-tokenizer", default="data/checkpoints/text_tokenizer")
+    p.add_argument("--text-tokenizer", default=None, help="a text tokenizer folder (default: the preset's text units, "
+                   "data/checkpoints/text_tokenizer for BPE or text_units for phones)")
     p.add_argument("--max-rows", type=int, default=3000, help="padded sequence rows per batch")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--validate-minutes", type=float, default=1.0, help="0: keep the last weights")
@@ -540,7 +542,9 @@ def train_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     threads = a.threads
     torch.set_num_threads(threads)
-    tok = TextTokenizer.from_pretrained(a.text_tokenizer)
+    units = get_config(a.preset).text.units
+    tok = load_text_tokenizer(a.text_tokenizer or ("data/checkpoints/text_units" if units == "phone"
+                                                   else "data/checkpoints/text_tokenizer"))
     train = [ex for k in range(a.augmented_copies + 1)
              for ex in corpus_examples(a.corpus, ["train"], tok, a.speech_tokenizer, augmented_copy=k)]
     instruct = Path(a.corpus) / INSTRUCT_DIR
@@ -552,4 +556,8 @@ def train_main(argv: list[str] | None = None) -> None:
     held = corpus_examples(a.corpus, ["dev", "test"], tok, a.speech_tokenizer)
     tcfg = TrainConfig(lr=a.lr, max_minutes=a.minutes, seed=a.seed, warmup_steps=50, threads=threads,
                        validate_minutes=a.validate_minutes, device=a.device, state_path=state_file(a.state, a.out))
-    train_lm(train, held, get_config(a.preset).lm, len(tok), tcfg, a.max_rows, a.out)
+    from .speech_tokenizer import SpeechTokenizer   # the speech vocabulary is the tokenizer's codebook
+
+    codes = SpeechTokenizer.from_checkpoint(a.speech_tokenizer).codebook_size
+    train_lm(train, held, dataclasses.replace(get_config(a.preset).lm, speech_token_size=codes), len(tok), tcfg,
+             a.max_rows, a.out)

@@ -31,7 +31,7 @@ from .hift import HiFTGenerator, VocoderStream
 from .instruct import END_OF_PROMPT
 from .lm import TextSpeechLM
 from .speech_tokenizer import SpeechTokenizer
-from .text_tokenizer import TextTokenizer
+from .text_tokenizer import load_text_tokenizer
 
 TINY_DIR = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
 
@@ -331,7 +331,7 @@ def _read_minicosy_folder(folder: Path) -> dict:
     if missing or absent:
         raise FileNotFoundError(f"{folder}/minicosy.json: missing files {missing}, keys not given {sorted(absent)}")
     config = get_config(spec.get("preset", "tiny"))
-    text_tokenizer = TextTokenizer.from_pretrained(files["text_tokenizer"])
+    text_tokenizer = load_text_tokenizer(files["text_tokenizer"])
     frontend = Frontend(text_tokenizer, SpeechTokenizer.from_checkpoint(files["speech_tokenizer"]).eval(),
                         CAMPPlus.from_checkpoint(files["campplus"]), config.features.sample_rate,
                         config.flow.token_mel_ratio)

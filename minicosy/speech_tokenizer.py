@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -395,14 +395,18 @@ def corpus_tokens(corpus_root: str | Path = "data/corpus",
 def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "fsq", preset: str = "tiny",
                     minutes: float = 8.0, out: str | Path | None = None, seed: int = 0,
                     threads: int = 2, device: str = "cpu", augmented: bool = True, spec_augment: bool = False,
-                    batch_seconds: float = 30.0, state_path: str | None = None) -> tuple[SpeechTokenizer, dict]:
+                    batch_seconds: float = 30.0, state_path: str | None = None,
+                    fsq_dim: int | None = None) -> tuple[SpeechTokenizer, dict]:
     """Train the tiny tokenizer on the corpus' train split (each batch :func:`augment`-ed unless
     ``augmented`` is False, with SpecAugment's masks too if ``spec_augment``); evaluate on dev +
-    test sentences of the training voices and on the held-out voices; save."""
+    test sentences of the training voices and on the held-out voices; save. ``fsq_dim`` overrides
+    the preset's D (3^D codes): the flow and LM recipes take their speech vocabulary from the
+    tokenizer they are trained on."""
     seed_everything(seed)
     train = load_features(corpus_root, "train")
     held = load_features(corpus_root, "dev") + load_features(corpus_root, "test")
-    model = SpeechTokenizer(get_config(preset).speech_tokenizer, build_vocab(train), quantizer)
+    cfg = get_config(preset).speech_tokenizer
+    model = SpeechTokenizer(replace(cfg, fsq_dim=fsq_dim or cfg.fsq_dim), build_vocab(train), quantizer)
     tcfg = TrainConfig(lr=3e-4, max_minutes=minutes, seed=seed, warmup_steps=100, threads=threads,
                        batch_seconds=batch_seconds, device=device, state_path=state_path)
     rng = np.random.default_rng(seed)
@@ -436,11 +440,12 @@ def train_main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-augment", action="store_true", help="train on the mels as they are (no augment())")
     p.add_argument("--spec-augment", action="store_true", help="augment() with SpecAugment's masks too")
     p.add_argument("--batch-seconds", type=float, default=30.0, help="audio per batch")
+    p.add_argument("--fsq-dim", type=int, default=None, help="D of the FSQ (3^D codes; default: the preset's)")
     a = p.parse_args(argv)
     out = a.out or f"data/checkpoints/speech_tokenizer_{a.quantizer}.pt"
     train_tokenizer(a.corpus, a.quantizer, minutes=a.minutes, out=out, seed=a.seed, threads=a.threads, device=a.device,
                     augmented=not a.no_augment, spec_augment=a.spec_augment, batch_seconds=a.batch_seconds,
-                    state_path=state_file(a.state, out))
+                    state_path=state_file(a.state, out), fsq_dim=a.fsq_dim)
 
 
 # ---------------------------------------------------------------------------------------------
