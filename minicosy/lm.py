@@ -241,9 +241,11 @@ class TextSpeechLM(nn.Module):
         raise ValueError(f"sampling must be 'ras', 'greedy' or a callable, got {sampling!r}")
 
     def _pick(self, logp: torch.Tensor, history: list[int], sampler: Sampler, ignore_eos: bool) -> int:
-        """One sampled id; EOS (only 6561) is masked to -inf while ``ignore_eos``."""
+        """One sampled id; while ``ignore_eos`` every stop id (6561-6563) is masked to -inf. The
+        official code masks only 6561 (NOTES.md §2), so a 6562 or 6563 drawn before ``min_len``
+        ends generation there, even at once (empty audio); minicosy enforces the minimum length."""
         if ignore_eos:
-            logp[self.cfg.eos_id] = -float("inf")
+            logp[list(self.cfg.stop_ids)] = -float("inf")
         return sampler(logp, history)
 
     def inference(self, text: Ids, prompt_text: Ids | None = None, prompt_speech_token: Ids | None = None, *,
@@ -253,8 +255,8 @@ class TextSpeechLM(nn.Module):
         """Non-streaming generation: ICL [sos, prompt_text+text, task_id, prompt_speech] or, without
         prompts, SFT [sos, text, task_id] (§2.3). Yields speech ids (no stop id) one by one.
 
-        min_len/max_len = ratio x len(text) (prompt text excluded); EOS is masked before min_len;
-        any of 6561-6563 ends generation. ``sampling``: 'ras' (with ``generator``), 'greedy' or a
+        min_len/max_len = ratio x len(text) (prompt text excluded); the stop ids are masked before
+        min_len; any of 6561-6563 ends generation. ``sampling``: 'ras' (with ``generator``), 'greedy' or a
         :data:`Sampler`.
         """
         text_ids = self._ids(text, self.text_vocab_size, "text")

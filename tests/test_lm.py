@@ -306,3 +306,15 @@ def test_tiny_preset_builds():
     cfg = get_config("tiny")
     lm = TextSpeechLM(cfg.lm, cfg.text.vocab_size)
     assert lm.llm_decoder.out_features == 6564 and lm.text_vocab_size == cfg.text.vocab_size
+
+
+@pytest.mark.parametrize("stop", [6561, 6562, 6563])
+def test_min_len_masks_every_stop_id(stop):
+    """An LM that prefers a stop id still speaks min_len tokens: 6562 and 6563 end generation
+    like EOS, so all three are masked before min_len (the official code masks only 6561)."""
+    torch.manual_seed(0)
+    lm = TextSpeechLM(get_config("tiny").lm, 100).eval()
+    with torch.no_grad():
+        lm.llm_decoder.bias[stop] = 100.0              # every step's favourite is this stop id
+    tokens = list(lm.inference([5, 6, 7], sampling="greedy", min_token_text_ratio=2.0))
+    assert len(tokens) == 6 and all(t < 6561 for t in tokens)
