@@ -240,12 +240,13 @@ class TextSpeechLM(nn.Module):
             return greedy_sampling
         raise ValueError(f"sampling must be 'ras', 'greedy' or a callable, got {sampling!r}")
 
-    def _pick(self, logp: torch.Tensor, history: list[int], sampler: Sampler, ignore_eos: bool) -> int:
-        """One sampled id; while ``ignore_eos`` every stop id (6561-6563) is masked to -inf. The
-        official code masks only 6561 (NOTES.md §2), so a 6562 or 6563 drawn before ``min_len``
-        ends generation there, even at once (empty audio); minicosy enforces the minimum length."""
-        if ignore_eos:
-            logp[list(self.cfg.stop_ids)] = -float("inf")
+    def _pick(self, logp: torch.Tensor, history: list[int], sampler: Sampler, masked: tuple[int, ...] = ()) -> int:
+        """One sampled id, the ids ``masked`` set to -inf first. Before ``min_len`` every stop id
+        (6561-6563) is masked: the official code masks only 6561 (NOTES.md §2), so a 6562 or 6563
+        drawn early ends generation there, even at once (empty audio); minicosy enforces the
+        minimum length."""
+        if masked:
+            logp[list(masked)] = -float("inf")
         return sampler(logp, history)
 
     def inference(self, text: Ids, prompt_text: Ids | None = None, prompt_speech_token: Ids | None = None, *,
@@ -278,7 +279,7 @@ class TextSpeechLM(nn.Module):
         cache = None
         for i in range(max_len):
             logp, cache = self.step(rows, cache)
-            token = self._pick(logp, out, sampler, ignore_eos=i < min_len)
+            token = self._pick(logp, out, sampler, self.cfg.stop_ids if i < min_len else ())
             if token in self.cfg.stop_ids:
                 return
             yield token
@@ -296,7 +297,7 @@ class TextSpeechLM(nn.Module):
 
     def inference_bistream(self, text: Ids | Iterable[Ids], prompt_text: Ids | None = None,
                            prompt_speech_token: Ids | None = None, *, sampling: str | Sampler = "ras",
-                           generator: torch.Generator | None = None,
+                           generator: torch.Generator | None = None, min_token_text_ratio: float | None = None,
                            max_token_text_ratio: float | None = None) -> Iterator[int]:
         """Streaming generation (§2.3 "ICL/SFT, Streaming"; official ``inference_bistream``).
 
@@ -304,24 +305,28 @@ class TextSpeechLM(nn.Module):
         streaming). Prompt text and prompt speech are interleaved N:M first; then after each fill
         token (sampled, or forced once M speech tokens follow the last group) the next N text ids
         are appended; when the text ends, the rest of the text, task_id and any prompt speech left
-        are appended and decoding runs to a stop id. EOS is masked while text is still coming.
+        are appended and decoding runs to a stop id. EOS (and the unused 6562) is masked while text is
+        still coming.
 
         Deviations from the official code, which (a) feeds the row that produced the last fill a
         second time when the text ends, (b) drops prompt speech that could not be interleaved
         and (c) raises on 6562 / on a fill after the text: rows are fed once, leftover prompt
         speech follows task_id (the training layout), any stop id ends generation, and the final
-        phase stops after ``max_token_text_ratio x len(text)`` speech tokens.
+        phase stops after ``max_token_text_ratio x len(text)`` speech tokens and cannot stop before
+        ``min_token_text_ratio x len(text)`` (the official streaming decode has no minimum length).
         """
         prompt_text_ids = self._ids(prompt_text, self.text_vocab_size, "prompt_text")
         prompt_speech = self._ids(prompt_speech_token, self.cfg.speech_token_size, "prompt_speech_token")
+        min_ratio = self.cfg.min_token_text_ratio if min_token_text_ratio is None else min_token_text_ratio
         max_ratio = self.cfg.max_token_text_ratio if max_token_text_ratio is None else max_token_text_ratio
         return self._decode_bistream(self._text_chunks(text), prompt_text_ids, prompt_speech,
-                                     self._sampler(sampling, generator), max_ratio)
+                                     self._sampler(sampling, generator), min_ratio, max_ratio)
 
     @torch.inference_mode()
     def _decode_bistream(self, chunks: Iterator[torch.Tensor], prompt_text: torch.Tensor, prompt_speech: torch.Tensor,
-                         sampler: Sampler, max_ratio: float) -> Iterator[int]:
+                         sampler: Sampler, min_ratio: float, max_ratio: float) -> Iterator[int]:
         (n, m), fill = self.cfg.mix_ratio, self.cfg.fill_id
+        interleaved = (self.cfg.eos_id, self.cfg.eos_id + 1)  # while text comes, only a fill may pause
         pending = [self._special(self.cfg.sos_id)]          # rows not fed yet
         text_left, speech_left = self.embed_text(prompt_text), self.embed_speech(prompt_speech)
         history: list[int] = []                              # generated ids, fill tokens included
@@ -343,7 +348,7 @@ class TextSpeechLM(nn.Module):
             while True:                                      # decode until the next fill token
                 logp, cache = self.step(torch.cat(pending)[None], cache)
                 pending = []
-                token = fill if len(history) == next_fill else self._pick(logp, history, sampler, ignore_eos=True)
+                token = fill if len(history) == next_fill else self._pick(logp, history, sampler, interleaved)
                 if token == fill:
                     next_fill = len(history) + m + 1
                 history.append(token)
@@ -357,7 +362,7 @@ class TextSpeechLM(nn.Module):
         pending += [text_left, self._special(self.cfg.task_id), speech_left]
         while n_speech < int(n_text * max_ratio):            # text is complete: decode to a stop id
             logp, cache = self.step(torch.cat(pending)[None], cache)
-            token = self._pick(logp, history, sampler, ignore_eos=False)
+            token = self._pick(logp, history, sampler, self.cfg.stop_ids if n_speech < int(n_text * min_ratio) else ())
             history.append(token)
             if token in self.cfg.stop_ids:
                 return

@@ -290,7 +290,8 @@ def test_streaming_icl_from_a_text_generator(tiny_lm, monkeypatch):
 
 def test_streaming_keeps_prompt_speech_that_text_could_not_cover(tiny_lm, monkeypatch):
     fed = _feeds(tiny_lm, monkeypatch)
-    out = list(tiny_lm.inference_bistream([[7, 8]], [1, 2], list(range(20)), sampling=_speak_then_stop(3)))
+    out = list(tiny_lm.inference_bistream([[7, 8]], [1, 2], list(range(20)), sampling=_speak_then_stop(3),
+                                           min_token_text_ratio=0))
     assert len(out) == 3
     assert len(fed[0]) == 1 + 4 + 1 + 20                 # sos, all text, task_id, all prompt speech
 
@@ -317,4 +318,15 @@ def test_min_len_masks_every_stop_id(stop):
     with torch.no_grad():
         lm.llm_decoder.bias[stop] = 100.0              # every step's favourite is this stop id
     tokens = list(lm.inference([5, 6, 7], sampling="greedy", min_token_text_ratio=2.0))
+    assert len(tokens) == 6 and all(t < 6561 for t in tokens)
+
+
+def test_streaming_decode_has_the_same_minimum_length():
+    """Text-in streaming (bistream) cannot stop before min_token_text_ratio x len(text) either."""
+    torch.manual_seed(0)
+    lm = TextSpeechLM(get_config("tiny").lm, 100).eval()
+    with torch.no_grad():
+        lm.llm_decoder.bias[6561] = 100.0              # EOS is every step's favourite
+    chunks = iter([torch.tensor([5, 6]), torch.tensor([7])])     # shorter than N: all decoded at the end
+    tokens = list(lm.inference_bistream(chunks, sampling="greedy", min_token_text_ratio=2.0))
     assert len(tokens) == 6 and all(t < 6561 for t in tokens)
