@@ -110,12 +110,20 @@ def tts_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     import torch
 
-    from .eval import evaluate_tts, format_table, stage_outputs, stage_unit_error, stage_wer
+    from .eval import (evaluate_tts, evaluate_voices, format_table, format_voice_table, stage_outputs, stage_unit_error,
+                       stage_wer)
     from .pipeline import CosyVoice2
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     tts = CosyVoice2.from_pretrained(args.model)
-    table = evaluate_tts(tts, args.corpus, n=args.n, modes=tuple(m.strip() for m in args.modes.split(",")),
+    modes = tuple(m.strip() for m in args.modes.split(","))
+    if args.per_voice:
+        result = evaluate_voices(tts, args.corpus, args.voices, args.per_voice, modes, seed=args.seed)
+        print(format_voice_table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
+    table = evaluate_tts(tts, args.corpus, n=args.n, modes=modes,
                          seed=args.seed, incremental=args.incremental, voices=args.voices)
     print(format_table(table))
     if args.json:
@@ -165,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--json", help="also write the table as JSON")
     e.add_argument("--voices", choices=["heldout", "seen"], default="heldout",
                    help="held-out voices (zero-shot), or the training voices on their dev/test sentences")
+    e.add_argument("--per-voice", type=int, default=0, metavar="N",
+                   help="instead: per voice, N sentences' synthesis WER next to the voice's own recordings of them "
+                        "(the eval split of the large corpus where there is one), pooled over the voices the judge reads")
     e.add_argument("--stages", action="store_true",
                    help="also print where the words are lost: WER and the speech tokenizer's unit error after each stage")
     p = sub.add_parser("pipeline", help="draw the pipeline diagram of a config preset to a PNG")

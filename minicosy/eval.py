@@ -101,6 +101,15 @@ class SpeakerEncoder:
         return float(np.dot(self.embed(wav_a, sr_a), self.embed(wav_b, sr_b)))
 
 
+def speaker_similarity(model, wav_a: np.ndarray, sr_a: int, wav_b: np.ndarray, sr_b: int) -> float:
+    """Cosine similarity of two utterances' embeddings by a pipeline's own speaker model (CAM++);
+    0 when either is empty."""
+    if np.asarray(wav_a).size == 0 or np.asarray(wav_b).size == 0:
+        return 0.0
+    ea, eb = model.embed(wav_a, sr_a).reshape(-1).numpy(), model.embed(wav_b, sr_b).reshape(-1).numpy()
+    return float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb)))
+
+
 def cosine_matrix(embeddings: np.ndarray) -> np.ndarray:
     """Pairwise cosine similarities of row vectors."""
     e = np.asarray(embeddings, dtype=np.float64)
@@ -215,13 +224,6 @@ def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes
 
     root = Path(corpus_root)
     asr, judge = SphinxASR(), SpeakerEncoder()
-    campp = tts.frontend.speaker_model
-
-    def campp_sim(a: np.ndarray, sr_a: int, b: np.ndarray, sr_b: int) -> float:
-        if a.size == 0 or b.size == 0:
-            return 0.0
-        ea, eb = campp.embed(a, sr_a).reshape(-1).numpy(), campp.embed(b, sr_b).reshape(-1).numpy()
-        return float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb)))
 
     unknown = set(modes) - EVAL_MODES.keys()
     if unknown:
@@ -245,7 +247,7 @@ def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes
             row["ref"].append(target["text"])
             row["hyp"].append(asr.transcribe(wav, sr))
             row["sim"].append(judge.similarity(wav, sr, prompt_wav, psr))
-            row["sim_campp"].append(campp_sim(wav, sr, prompt_wav, psr))
+            row["sim_campp"].append(speaker_similarity(tts.frontend.speaker_model, wav, sr, prompt_wav, psr))
             if totals is not None:
                 row["rtf"].append(totals["rtf"])
                 row["fpl"].append(totals["first_package_s"])
@@ -256,6 +258,98 @@ def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes
         if row["rtf"]:
             table[mode].update({"RTF": float(np.mean(row["rtf"])), "first package (s)": float(np.mean(row["fpl"]))})
     return table
+
+
+def voice_trials(corpus_root: str | Path, voices: str = "heldout", per_voice: int = 20, lang: str = "en") -> dict[str, list[dict]]:
+    """Per voice of the set (:data:`VOICE_SETS`), up to ``per_voice`` target records, each with a
+    prompt record of the same voice (a different sentence, about 4 s). The targets are the ``eval``
+    split where the corpus has one (the large corpus: the same sentences read by every voice, in
+    no training, dev or tokenizer data), else the set's own splits."""
+    from .data import load_manifest
+
+    if voices not in VOICE_SETS:
+        raise ValueError(f"voices must be one of {sorted(VOICE_SETS)}, got {voices!r}")
+    target_splits, prompt_split = VOICE_SETS[voices]
+    names = {r["speaker"] for split in target_splits for r in load_manifest(corpus_root, split) if r["lang"] == lang}
+    evaluation = [r for r in load_manifest(corpus_root, "eval") if r["speaker"] in names]
+    targets = evaluation or [r for split in target_splits for r in load_manifest(corpus_root, split) if r["lang"] == lang]
+    prompts = [r for r in load_manifest(corpus_root, prompt_split) if r["lang"] == lang]
+    trials: dict[str, list[dict]] = {}
+    for voice in sorted(names):
+        own = sorted((r for r in targets if r["speaker"] == voice), key=lambda r: r["id"])[:per_voice]
+        prompt = min((r for r in prompts if r["speaker"] == voice and r["text"] not in {t["text"] for t in own}),
+                     key=lambda r: abs(r["duration"] - 4.0))
+        trials[voice] = [{"target": t, "prompt": prompt} for t in own]
+    return trials
+
+
+def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = "heldout", per_voice: int = 20,
+                    modes: tuple[str, ...] = ("offline",), seed: int = 0, progress: bool = True) -> dict:
+    """Each voice's synthesis next to its own recordings of the same sentences: per voice of
+    :func:`voice_trials`, pocketsphinx's WER of the recordings and of zero-shot synthesis in each
+    mode (a voice's own recording is the prompt), their ratio, and speaker similarity to the prompt
+    (resemblyzer, CAM++). ``"readable"`` pools the voices whose recordings are read at WER <=
+    :data:`READABLE_WER`, where the intelligibility bars are taken (ratios of pooled WERs)."""
+    from tqdm.auto import tqdm
+
+    from .audio import load_wav
+
+    unknown = set(modes) - EVAL_MODES.keys()
+    if unknown:
+        raise ValueError(f"unknown evaluation modes {sorted(unknown)}; choose from {list(EVAL_MODES)}")
+    root, asr, judge = Path(corpus_root), SphinxASR(), SpeakerEncoder()
+    trials = voice_trials(root, voices, per_voice)
+    rows: dict[str, dict] = {}
+    for voice, vtrials in tqdm(trials.items(), desc=f"{voices} voices", disable=not progress):
+        texts = [t["target"]["text"] for t in vtrials]
+        hyps: dict[str, list[str]] = {"recordings": [], **{m: [] for m in modes}}
+        sims: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+        for trial in vtrials:
+            target, prompt = trial["target"], trial["prompt"]
+            prompt_wav, psr = load_wav(root / prompt["path"])
+            hyps["recordings"].append(asr.transcribe(*load_wav(root / target["path"])))
+            for mode in modes:
+                lm_stream, fm_stream = EVAL_MODES[mode]
+                text = _word_stream(target["text"]) if lm_stream else target["text"]
+                wav = join_speech(tts.inference_zero_shot(text, prompt["text"], (prompt_wav, psr), stream=fm_stream,
+                                                          seed=seed))[0].numpy()
+                hyps[mode].append(asr.transcribe(wav, tts.sample_rate))
+                sims[mode].append((judge.similarity(wav, tts.sample_rate, prompt_wav, psr),
+                                   speaker_similarity(tts.frontend.speaker_model, wav, tts.sample_rate, prompt_wav, psr)))
+        row = {"n": len(texts), "refs": texts, "hyps": hyps, "WER recordings": error_rate(texts, hyps["recordings"], "en")}
+        for mode in modes:
+            row[f"WER {mode}"] = error_rate(texts, hyps[mode], "en")
+            row[f"SIM {mode} (resemblyzer)"], row[f"SIM {mode} (CAM++)"] = map(float, np.mean(sims[mode], axis=0))
+        row["readable"] = row["WER recordings"] <= READABLE_WER
+        rows[voice] = row
+    pooled = {}
+    for name, members in (("readable", [v for v, r in rows.items() if r["readable"]]), ("all", list(rows))):
+        refs = [t for v in members for t in rows[v]["refs"]]
+        if not refs:
+            continue
+        pooled[name] = {"voices": members, "n": len(refs),
+                        "WER recordings": error_rate(refs, [h for v in members for h in rows[v]["hyps"]["recordings"]], "en")}
+        for mode in modes:
+            wer = error_rate(refs, [h for v in members for h in rows[v]["hyps"][mode]], "en")
+            pooled[name][f"WER {mode}"] = wer
+            pooled[name][f"ratio {mode}"] = wer / max(pooled[name]["WER recordings"], 1e-9)
+    return {"voices": {v: {k: x for k, x in r.items() if k not in ("refs", "hyps")} for v, r in rows.items()},
+            "pooled": pooled, "set": voices, "modes": list(modes)}
+
+
+def format_voice_table(result: dict) -> str:
+    """:func:`evaluate_voices`'s result as text: a row per voice, then the pooled rows."""
+    modes = result["modes"]
+    head = f"{'voice':18s} {'n':>4s} {'WER rec.':>9s}" + "".join(f" {'WER ' + m:>16s} {'ratio':>6s}" for m in modes)
+    lines = [head]
+    for voice, r in result["voices"].items():
+        lines.append(f"{voice:18s} {r['n']:4d} {r['WER recordings']:9.3f}" + "".join(
+            f" {r['WER ' + m]:16.3f} {r['WER ' + m] / max(r['WER recordings'], 1e-9):6.2f}" for m in modes)
+            + ("" if r["readable"] else "   (not readable by the judge)"))
+    for name, p in result["pooled"].items():
+        lines.append(f"{'pooled: ' + name:18s} {p['n']:4d} {p['WER recordings']:9.3f}" + "".join(
+            f" {p['WER ' + m]:16.3f} {p['ratio ' + m]:6.2f}" for m in modes))
+    return "\n".join(lines)
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:

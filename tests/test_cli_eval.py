@@ -3,8 +3,9 @@ import soundfile as sf
 import pytest
 
 from minicosy.__main__ import main
-from minicosy.eval import (STAGES, EVAL_MODES, _word_stream, evaluate_tts, format_table, stage_unit_error, stage_wer,
-                           synthesis_trials)
+from minicosy.eval import (READABLE_WER, STAGES, EVAL_MODES, _word_stream, evaluate_tts, evaluate_voices, format_table,
+                           format_voice_table, recording_wer_by_voice, stage_unit_error, stage_wer, synthesis_trials,
+                           voice_trials)
 from minicosy.pipeline import CosyVoice2
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -40,6 +41,41 @@ def test_evaluate_tts_reports_the_corpus_reference_and_each_mode(corpus_root):
     with pytest.raises(ValueError, match="unknown evaluation modes"):
         evaluate_tts(tts, corpus_root, n=1, modes=("karaoke",))
     assert set(EVAL_MODES) == {"offline", "FM stream", "LM stream", "LM+FM stream"}
+
+
+def test_voice_trials_give_each_voice_its_own_sentences_and_prompt(corpus_root):
+    trials = voice_trials(corpus_root, "heldout", per_voice=3)
+    assert set(trials) == {"espeak_en_rp_f", "flite_rms"}              # the held-out English voices
+    for voice, vt in trials.items():
+        assert len(vt) == 3 and len({t["prompt"]["id"] for t in vt}) == 1
+        for t in vt:
+            assert t["target"]["speaker"] == t["prompt"]["speaker"] == voice and t["target"]["split"] == "heldout"
+            assert t["target"]["text"] != t["prompt"]["text"]
+    seen = voice_trials(corpus_root, "seen", per_voice=2)
+    assert "hibari_heart" in seen and not set(seen) & set(trials)
+    assert all(t["prompt"]["split"] == "train" for vt in seen.values() for t in vt)
+
+
+def test_evaluate_voices_compares_each_voice_with_its_own_recordings(corpus_root):
+    """Per voice: recordings' and synthesis' WER on the same sentences, pooled over the voices the
+    judge reads (flite_rms: WER about 0.1) and over all of them."""
+    result = evaluate_voices(CosyVoice2.from_pretrained("tiny"), corpus_root, "heldout", per_voice=2, progress=False)
+    assert set(result["voices"]) == {"espeak_en_rp_f", "flite_rms"} and result["modes"] == ["offline"]
+    row = result["voices"]["flite_rms"]
+    assert row["n"] == 2 and 0 <= row["WER recordings"] and row["WER offline"] >= 0 and -1 <= row["SIM offline (CAM++)"] <= 1
+    assert result["pooled"]["all"]["n"] == 4
+    if "readable" in result["pooled"]:
+        assert all(result["voices"][v]["WER recordings"] <= READABLE_WER for v in result["pooled"]["readable"]["voices"])
+    text = format_voice_table(result)
+    assert "flite_rms" in text and "pooled: all" in text
+    by_voice = recording_wer_by_voice(corpus_root, ("heldout",), per_voice=2, progress=False)
+    assert by_voice["flite_rms"]["WER"] == row["WER recordings"]      # the same recordings, the same judge
+
+
+def test_eval_command_per_voice(corpus_root, capsys):
+    main(["eval", "--corpus", str(corpus_root), "--per-voice", "1", "--modes", "offline", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["voice", "n", "WER"] and any(line.startswith("pooled: all") for line in lines)
 
 
 def test_stage_wer_follows_the_pipeline_stage_by_stage(corpus_root):
