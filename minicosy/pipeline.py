@@ -13,8 +13,9 @@ generator) in its own generator, so several requests can be interleaved freely.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -242,8 +243,7 @@ class CosyVoice2:
 
     def _run(self, tts_text: str | Iterable[str], text_frontend: bool, make, stream: bool, speed: float,
              start: float, seed: int | None = None, incremental: bool = False) -> Iterator[dict]:
-        if speed <= 0:
-            raise ValueError(f"speed must be positive, got {speed}")
+        seed = check_request(speed, seed, stream, incremental)
         if stream and speed != 1.0:
             raise ValueError("speed != 1 works with stream=False only (the official code asserts the same)")
         if isinstance(tts_text, str):
@@ -300,10 +300,8 @@ class CosyVoice2:
                 done = flow.offset
         else:
             pull(1 << 30)
-        if not tokens:
-            warnings.warn("the LM stopped before any speech token: empty audio")
-            yield clock.emit(torch.zeros(1, 0), 0, self.sample_rate, {"sentence": sentence})
-            return
+        if not tokens:       # the LM keeps min_len, so only a text with no speakable unit gets here
+            raise ValueError(f"sentence {sentence + 1} has nothing to say: the LM produced no speech for it")
         token = torch.tensor([tokens])
         if stream:
             mel = timed("flow_s", flow.finish, token)
@@ -313,6 +311,24 @@ class CosyVoice2:
                 mel = F.interpolate(mel, size=max(1, int(mel.shape[2] / speed)), mode="linear")
         speech = timed("vocoder_s", vocoder, mel.float(), True)
         yield clock.emit(speech.cpu(), len(tokens) - done, self.sample_rate, {"sentence": sentence})
+
+
+SPEED_RANGE = (0.5, 2.0)    # `speed` stretches the mel (offline only): beyond these it is no longer speech
+
+
+def check_request(speed: float, seed: int | None, stream: bool, incremental: bool) -> int | None:
+    """Validate a request's options before any work; returns the seed as a Python int. ``speed``
+    must be a real number in :data:`SPEED_RANGE`, ``seed`` an integer (any integer type) or None,
+    ``stream`` and ``incremental`` booleans."""
+    if isinstance(speed, (bool, np.bool_)) or not isinstance(speed, numbers.Real) or not math.isfinite(speed) \
+            or not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
+        raise ValueError(f"speed must be a number from {SPEED_RANGE[0]} to {SPEED_RANGE[1]}, got {speed!r}")
+    if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    for name, flag in (("stream", stream), ("incremental", incremental)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    return None if seed is None else int(seed)
 
 
 def _no_tokens() -> torch.Tensor:

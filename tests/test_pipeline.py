@@ -143,6 +143,12 @@ def test_vocoder_stream_cross_fades_and_emits_every_sample(tts):
     (lambda t, w, x: t.inference_zero_shot(TEXT, x, (np.random.rand(12000).astype(np.float32), 24000)), "too short"),
     (lambda t, w, x: t.inference_zero_shot(TEXT, x, (np.random.rand(16000 * 31).astype(np.float32), 16000)), "too long"),
     (lambda t, w, x: t.inference_zero_shot(TEXT, x, w, stream=True, speed=1.5), "speed"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, w, speed=100), "speed must be a number from 0.5 to 2.0"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, w, speed=float("nan")), "speed must be"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, w, speed="fast"), "speed must be"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, w, seed=1.5), "seed must be an integer"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, w, stream="yes"), "stream must be True or False"),
+    (lambda t, w, x: t.inference_cross_lingual(TEXT, w, incremental=1), "incremental must be"),
     (lambda t, w, x: t.inference_instruct2(TEXT, "<|endofprompt|>", w), "instruct_text"),
     (lambda t, w, x: t.inference_sft(TEXT, "nobody"), "unknown speaker"),
     (lambda t, w, x: t.inference_zero_shot(TEXT, x, None, zero_shot_spk_id="nobody"), "unknown zero-shot"),
@@ -152,6 +158,12 @@ def test_bad_input_gets_a_clear_error(tts, prompt, call, match):
     wav, text = prompt
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         next(call(tts, wav, text))
+
+
+def test_seed_of_any_integer_type(tts, prompt):
+    wav, _ = prompt
+    a = _audio(list(tts.inference_cross_lingual("Hello there.", wav, seed=np.int64(3))))
+    assert torch.equal(a, _audio(list(tts.inference_cross_lingual("Hello there.", wav, seed=3))))
 
 
 def test_unreadable_and_multichannel_prompts(tts, prompt, tmp_path):
