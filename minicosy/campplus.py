@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 
 import math
+import pickle
 import time
 import warnings
 from collections import OrderedDict
@@ -46,8 +47,8 @@ from onnx import numpy_helper
 from .audio import kaldi_fbank, load_wav, resample
 from .config import CAMPPlusConfig, FeatureConfig, get_config
 from .data import load_manifest
-from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, recipe_parser, save_checkpoint,
-                    seed_everything, train_loop)
+from .train import (TrainConfig, check_finite, load_checkpoint, load_state_dict_checked, recipe_parser,
+                    save_checkpoint, seed_everything, train_loop)
 
 MIN_FRAMES = 3          # fbank frames: the stride-2 TDNN must leave >= 2 frames for the std of stats pooling
 ONNX_INPUT, ONNX_OUTPUT = "input", "output"   # the names inside the official campplus.onnx
@@ -587,6 +588,19 @@ def speaker_table(model: CAMPPlus, corpus_root: str | Path = "data/corpus", spli
     for voice in sorted({r["speaker"] for r in records}):
         own = [r for r in records if r["speaker"] == voice][:per_voice]
         table[voice] = {"embedding": F.normalize(embed_records(model, own), dim=1).mean(0, keepdim=True)}
+    return table
+
+
+def load_speaker_table(path: str | Path) -> dict:
+    """An ``spk2info.pt`` speaker table (official or minicosy's), weights-only, every embedding
+    checked to be finite (a ``ValueError`` naming the file and the speaker otherwise)."""
+    try:
+        table = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and plain types (refused: loading it could run code)") from e
+    if not isinstance(table, dict):
+        raise ValueError(f"{path} holds a {type(table).__name__}, not a speaker table (a dict of speaker ids)")
+    check_finite(table, str(path))
     return table
 
 

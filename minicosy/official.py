@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .campplus import CAMPPlus, CAMPPlusONNX
+from .campplus import CAMPPlus, CAMPPlusONNX, load_speaker_table
 from .campplus import export_onnx as export_campplus_onnx
 from .config import MiniCosyConfig, get_config
 from .flow import CausalMaskedDiffWithXvec, load_flow_state_dict
@@ -166,7 +166,7 @@ def read_official_folder(folder: str | Path) -> dict:
     frontend = Frontend(TextTokenizer.from_pretrained(folder / QWEN_DIR),
                         OnnxSpeechTokenizer(folder / "speech_tokenizer_v2.onnx"),
                         CAMPPlusONNX(folder / "campplus.onnx"), cfg.features.sample_rate, cfg.flow.token_mel_ratio)
-    spk2info = torch.load(folder / "spk2info.pt", weights_only=True) if (folder / "spk2info.pt").exists() else {}
+    spk2info = load_speaker_table(folder / "spk2info.pt") if (folder / "spk2info.pt").exists() else {}
     return {"config": cfg, "frontend": frontend, "lm": lm, "flow": flow.eval(), "hift": hift, "spk2info": spk2info}
 
 

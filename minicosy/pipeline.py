@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .campplus import CAMPPlus
+from .campplus import CAMPPlus, load_speaker_table
 from .config import MiniCosyConfig, get_config
 from .flow import CausalMaskedDiffWithXvec, FlowStreamer, PromptState, prompt_state
 from .frontend import Frontend, Prompt, PromptAudio
@@ -67,6 +67,8 @@ class _Clock:
         self.total[stage] += seconds
 
     def emit(self, speech: torch.Tensor, tokens: int, sample_rate: int, extra: dict) -> dict:
+        if not torch.isfinite(speech).all():        # never handed out as a result
+            raise RuntimeError("the synthesis produced NaN/Inf audio: a model's weights or inputs are not finite")
         now = time.perf_counter() - self.start
         if self.first_package_s is None:
             self.first_package_s = now
@@ -351,7 +353,7 @@ def _read_minicosy_folder(folder: Path) -> dict:
     frontend = Frontend(text_tokenizer, SpeechTokenizer.from_checkpoint(files["speech_tokenizer"]).eval(),
                         CAMPPlus.from_checkpoint(files["campplus"]), config.features.sample_rate,
                         config.flow.token_mel_ratio)
-    spk2info = torch.load(folder / spec["spk2info"], weights_only=True) if spec.get("spk2info") else {}
+    spk2info = load_speaker_table(folder / spec["spk2info"]) if spec.get("spk2info") else {}
     flow = CausalMaskedDiffWithXvec.from_checkpoint(files["flow"])
     config.flow = flow.cfg
     return {"frontend": frontend, "lm": TextSpeechLM.from_checkpoint(files["llm"]), "flow": flow,

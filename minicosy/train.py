@@ -351,7 +351,22 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, torch.
             return f"\n  {title} ({len(items)}):" + "".join(f"\n    {x}" for x in items[:shown]) + more
         raise ValueError(f"{what} does not fit {type(model).__name__}:" + block("missing keys", missing)
                          + block("unexpected keys", unexpected) + block("shape conflicts", conflicts))
+    check_finite(state_dict, what)
     model.load_state_dict(state_dict, strict=True)
+
+
+def check_finite(tensors: object, what: str, _key: str = "") -> None:
+    """A ``ValueError`` naming ``what`` and the key when any floating tensor in ``tensors`` (nested
+    dicts and lists too) holds NaN or Inf: such weights would make all-NaN audio."""
+    if isinstance(tensors, torch.Tensor):
+        if tensors.is_floating_point() and not torch.isfinite(tensors).all():
+            raise ValueError(f"{what}: {_key or 'tensor'} holds NaN or Inf values")
+    elif isinstance(tensors, dict):
+        for k, v in tensors.items():
+            check_finite(v, what, f"{_key}.{k}" if _key else str(k))
+    elif isinstance(tensors, (list, tuple)):
+        for i, v in enumerate(tensors):
+            check_finite(v, what, f"{_key}[{i}]")
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -369,6 +384,7 @@ def load_checkpoint(path: str | Path) -> dict:
                          f"{str(e).splitlines()[-1] if str(e) else e}") from None
     if "state_dict" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a minicosy checkpoint (no state_dict/model_config)")
+    check_finite(ckpt["state_dict"], str(path))
     ckpt["state_dict"] = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}
     return ckpt
 

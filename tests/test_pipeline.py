@@ -244,3 +244,14 @@ def test_registered_speakers_survive_save_spkinfo(tts, prompt, tmp_path):
     assert set(again.list_available_spks()) == set(tts.list_available_spks())
     first = _audio(list(tts.inference_zero_shot(TEXT, "", None, zero_shot_spk_id="saved", seed=2)))
     assert torch.equal(first, _audio(list(again.inference_zero_shot(TEXT, "", None, zero_shot_spk_id="saved", seed=2))))
+
+
+def test_non_finite_audio_is_never_returned(tts):
+    """A NaN that reaches the models (here an x-vector put in the speaker table by hand, past the
+    loaders' checks) stops the request with an error instead of yielding NaN audio."""
+    tts.spk2info["broken"] = {"embedding": torch.full((1, tts.config.flow.spk_embed_dim), float("nan"))}
+    try:
+        with pytest.raises(RuntimeError, match="NaN/Inf audio"):
+            list(tts.inference_sft(TEXT, "broken", seed=0))
+    finally:
+        del tts.spk2info["broken"]

@@ -3,12 +3,12 @@ refused with a clear error before anything in it executes (issue: loading that f
 import pytest
 import torch
 
-from minicosy.campplus import CAMPPlus
+from minicosy.campplus import CAMPPlus, load_speaker_table
 from minicosy.flow import CausalMaskedDiffWithXvec
 from minicosy.hift import HiFTGenerator
 from minicosy.lm import TextSpeechLM
 from minicosy.speech_tokenizer import SpeechTokenizer
-from minicosy.train import load_checkpoint
+from minicosy.train import load_checkpoint, load_state_dict_checked
 
 from .conftest import ROOT
 
@@ -48,3 +48,30 @@ def test_a_pickled_payload_is_refused_and_never_runs(tmp_path, name):
     del ckpt["extra"]
     torch.save(ckpt, path)
     assert load_checkpoint(path)["state_dict"].keys() == load_checkpoint(CKPT / name)["state_dict"].keys()
+
+
+def test_non_finite_weights_are_refused_naming_file_and_key(tmp_path):
+    ckpt = torch.load(CKPT / "flow_tiny.pt", map_location="cpu", weights_only=True)
+    key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][key][0] = float("nan")
+    torch.save(ckpt, tmp_path / "flow.pt")
+    with pytest.raises(ValueError, match=f"flow.pt: {key} holds NaN or Inf"):
+        CausalMaskedDiffWithXvec.from_checkpoint(tmp_path / "flow.pt")
+    hift = HiFTGenerator.from_checkpoint(CKPT / "hift_tiny.pt")
+    state = {k: v.clone() for k, v in hift.state_dict().items()}
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key].view(-1)[0] = float("inf")
+    with pytest.raises(ValueError, match=f"{key} holds NaN or Inf"):
+        load_state_dict_checked(hift, state, "hift.pt")
+
+
+def test_speaker_tables_are_checked(tmp_path):
+    table = load_speaker_table(CKPT / "spk2info_tiny.pt")
+    speaker = next(iter(table))
+    table[speaker]["embedding"][..., 0] = float("nan")
+    torch.save(table, tmp_path / "spk2info.pt")
+    with pytest.raises(ValueError, match=f"spk2info.pt: {speaker}.embedding holds NaN"):
+        load_speaker_table(tmp_path / "spk2info.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="not a speaker table"):
+        load_speaker_table(tmp_path / "list.pt")
