@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 
 import math
-import pickle
 import time
 import warnings
 from collections import OrderedDict
@@ -47,8 +46,8 @@ from onnx import numpy_helper
 from .audio import kaldi_fbank, load_wav, resample
 from .config import CAMPPlusConfig, FeatureConfig, get_config
 from .data import load_manifest
-from .train import (TrainConfig, check_finite, load_checkpoint, load_state_dict_checked, recipe_parser,
-                    save_checkpoint, seed_everything, train_loop)
+from .train import (TrainConfig, check_finite, load_state_dict_checked, model_from_checkpoint, read_torch_file,
+                    recipe_parser, save_checkpoint, seed_everything, train_loop)
 
 MIN_FRAMES = 3          # fbank frames: the stride-2 TDNN must leave >= 2 frames for the std of stats pooling
 ONNX_INPUT, ONNX_OUTPUT = "input", "output"   # the names inside the official campplus.onnx
@@ -244,11 +243,8 @@ class CAMPPlus(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "CAMPPlus":
         """The model saved by :func:`train_campplus` (eval mode)."""
-        ckpt = load_checkpoint(path)
-        cfg = CAMPPlusConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
-        model = cls(cfg)
-        load_state_dict_checked(model, ckpt["state_dict"])
-        return model.eval()
+        return model_from_checkpoint(path, lambda mc: cls(CAMPPlusConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                                         for k, v in mc.items()})))
 
     @torch.no_grad()
     def embed(self, wav: np.ndarray | torch.Tensor, sr: int) -> torch.Tensor:
@@ -594,10 +590,7 @@ def speaker_table(model: CAMPPlus, corpus_root: str | Path = "data/corpus", spli
 def load_speaker_table(path: str | Path) -> dict:
     """An ``spk2info.pt`` speaker table (official or minicosy's), weights-only, every embedding
     checked to be finite (a ``ValueError`` naming the file and the speaker otherwise)."""
-    try:
-        table = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds more than tensors and plain types (refused: loading it could run code)") from e
+    table = read_torch_file(path)
     if not isinstance(table, dict):
         raise ValueError(f"{path} holds a {type(table).__name__}, not a speaker table (a dict of speaker ids)")
     check_finite(table, str(path))

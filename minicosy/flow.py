@@ -51,8 +51,8 @@ from .data import checkpoint_cache, load_manifest
 from .flow_encoder import UpsampleConformerEncoder
 from .flow_estimator import CausalConditionalDecoder
 from .masks import CHUNK_M, MASK_NAMES, NON_CAUSAL, chunk_size_of, make_pad_mask, sample_training_mask
-from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, recipe_parser, save_checkpoint,
-                    seed_everything, state_file, train_loop)
+from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, model_from_checkpoint, read_torch_file,
+                    recipe_parser, save_checkpoint, seed_everything, state_file, train_loop)
 
 MAX_FIXED_NOISE_FRAMES = 15000   # 300 s of mel at 50 Hz
 
@@ -276,12 +276,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "CausalMaskedDiffWithXvec":
         """A flow trained by :func:`train_flow` (``minicosy.train`` checkpoint), in eval mode."""
-        ckpt = load_checkpoint(path)
-        cfg = dict(ckpt["model_config"])
-        cfg["prompt_mask_ratio"] = tuple(cfg["prompt_mask_ratio"])
-        model = cls(FlowConfig(**cfg))
-        model.load_state_dict(ckpt["state_dict"])
-        return model.eval()
+        return model_from_checkpoint(path, lambda mc: cls(
+            FlowConfig(**{**mc, "prompt_mask_ratio": tuple(mc["prompt_mask_ratio"])})))
 
 
 @dataclass
@@ -431,7 +427,7 @@ def load_flow_state_dict(model: CausalMaskedDiffWithXvec,
         path = Path(path_or_state_dict)
         if not path.is_file():
             raise FileNotFoundError(f"flow checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch_file(path)
     load_state_dict_checked(model, state, "flow checkpoint (check the FlowConfig sizes)")
 
 

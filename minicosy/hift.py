@@ -47,7 +47,7 @@ from .config import FeatureConfig, HiFTConfig, get_config
 from .data import load_manifest
 from .train import (TrainConfig, TrainLog, average_gradients, broadcast_parameters, from_main, is_main_process,
                     load_checkpoint, load_state_dict_checked, local_batch, lr_factor, make_optimizer, mean_over_ranks,
-                    recipe_parser, save_checkpoint, seed_everything)
+                    model_from_checkpoint, read_torch_file, recipe_parser, save_checkpoint, seed_everything)
 
 
 class Snake(nn.Module):
@@ -186,10 +186,8 @@ class HiFTGenerator(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "HiFTGenerator":
         """The model saved by :func:`train_hift` (eval mode)."""
-        ckpt = load_checkpoint(path)
-        model = cls(HiFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()}))
-        load_hift_state_dict(model, ckpt["state_dict"])
-        return model.eval()
+        return model_from_checkpoint(path, lambda mc: cls(HiFTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                                     for k, v in mc.items()})), _official_keys)
 
     # ---- source -------------------------------------------------------------------------------
     def f0_to_source(self, f0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -328,7 +326,7 @@ def _read_state_dict(path_or_state_dict: str | Path | dict[str, torch.Tensor]) -
     path = Path(path_or_state_dict)
     if not path.is_file():
         raise FileNotFoundError(f"HiFT checkpoint not found: {path}")
-    return _official_keys(torch.load(path, map_location="cpu", weights_only=True))
+    return _official_keys(read_torch_file(path))
 
 
 def load_hift_state_dict(model: HiFTGenerator, path_or_state_dict: str | Path | dict[str, torch.Tensor]) -> None:

@@ -50,8 +50,8 @@ from .config import LMConfig, get_config
 from .data import INSTRUCT_DIR, load_manifest
 from .lm_sampling import Sampler, greedy_sampling, ras_sampling
 from .text_tokenizer import TextTokenizer, UnitTokenizer, load_text_tokenizer
-from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, recipe_parser, save_checkpoint,
-                    seed_everything, state_file, train_loop)
+from .train import (TrainConfig, load_state_dict_checked, model_from_checkpoint, read_torch_file, recipe_parser,
+                    save_checkpoint, seed_everything, state_file, train_loop)
 
 IGNORE_ID = -1  # target (and input padding) value that the loss skips
 Ids = torch.Tensor | list[int] | tuple[int, ...]
@@ -132,11 +132,8 @@ class TextSpeechLM(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> TextSpeechLM:
         """A model trained by :func:`train_lm` (``save_checkpoint`` format), in eval mode."""
-        ckpt = load_checkpoint(path)
-        mc = ckpt["model_config"]
-        lm = cls(LMConfig(**{**mc["cfg"], "mix_ratio": tuple(mc["cfg"]["mix_ratio"])}), mc["text_vocab_size"])
-        lm.load_state_dict(ckpt["state_dict"])
-        return lm.eval()
+        return model_from_checkpoint(path, lambda mc: cls(
+            LMConfig(**{**mc["cfg"], "mix_ratio": tuple(mc["cfg"]["mix_ratio"])}), mc["text_vocab_size"]))
 
     def model_config(self) -> dict:
         """What :meth:`from_checkpoint` needs to rebuild the module."""
@@ -406,7 +403,7 @@ def load_official_llm(checkpoint: str | Path | Mapping[str, torch.Tensor], lm: T
     else:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"LLM checkpoint not found: {checkpoint}")
-        state, what = torch.load(checkpoint, map_location="cpu", weights_only=True), str(checkpoint)
+        state, what = read_torch_file(checkpoint), str(checkpoint)
         if not isinstance(state, Mapping):
             raise ValueError(f"{checkpoint} holds a {type(state).__name__}, not a state dict")
     if lm is None:

@@ -42,7 +42,7 @@ from .config import FeatureConfig, SpeechTokenizerConfig, get_config
 from .data import checkpoint_cache, load_manifest
 from .fsq import FSQ, VectorQuantizer
 from .textnorm import english_phones, transcript  # noqa: F401  (reading units; re-exported here)
-from .train import (TrainConfig, load_checkpoint, recipe_parser, save_checkpoint, seed_everything, state_file,
+from .train import (TrainConfig, model_from_checkpoint, recipe_parser, save_checkpoint, seed_everything, state_file,
                     train_loop)
 
 HOP = 160            # Whisper hop at 16 kHz
@@ -196,11 +196,7 @@ class SpeechTokenizer(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "SpeechTokenizer":
-        ckpt = load_checkpoint(path)
-        mc = ckpt["model_config"]
-        model = cls(SpeechTokenizerConfig(**mc["cfg"]), mc["vocab"], mc["quantizer"])
-        model.load_state_dict(ckpt["state_dict"])
-        return model.eval()
+        return model_from_checkpoint(path, lambda mc: cls(SpeechTokenizerConfig(**mc["cfg"]), mc["vocab"], mc["quantizer"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -369,6 +369,21 @@ def check_finite(tensors: object, what: str, _key: str = "") -> None:
             check_finite(v, what, f"{_key}[{i}]")
 
 
+def read_torch_file(path: str | Path) -> object:
+    """``torch.load(path, weights_only=True)`` with errors that name the file: a pickled object
+    (which could run code) is refused, and an empty, truncated or foreign file is called that."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" in str(e).lower():
+            raise ValueError(f"{path} holds more than tensors and plain types (refused: loading it could run code)"
+                             ) from None
+        raise ValueError(f"{path} is not a readable torch file (damaged or another format)") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a readable torch file (empty, truncated or another format: "
+                         f"{type(e).__name__})") from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`save_checkpoint`, weights cast back to float32.
 
@@ -377,16 +392,28 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds more than tensors and plain types (refused: loading it could run code): "
-                         f"{str(e).splitlines()[-1] if str(e) else e}") from None
-    if "state_dict" not in ckpt or "model_config" not in ckpt:
+    ckpt = read_torch_file(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a minicosy checkpoint (no state_dict/model_config)")
     check_finite(ckpt["state_dict"], str(path))
     ckpt["state_dict"] = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}
     return ckpt
+
+
+def model_from_checkpoint(path: str | Path, build: Callable[[dict], torch.nn.Module],
+                          prepare: Callable[[dict], dict] | None = None) -> torch.nn.Module:
+    """Rebuild a module from a :func:`save_checkpoint` file, in eval mode: ``build(model_config)``
+    makes it, then its weights (through ``prepare``, e.g. a key mapping) load strictly. A
+    model_config that does not describe the module and weights that do not fit it are
+    ``ValueError``s naming the file."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = build(ckpt["model_config"])
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: its model_config does not describe this model ({type(e).__name__}: {e})") from None
+    state = prepare(ckpt["state_dict"]) if prepare else ckpt["state_dict"]
+    load_state_dict_checked(model, state, str(path))
+    return model.eval()
 
 
 def recipe_parser(name: str, minutes: float, out: str | None, device: bool = False) -> argparse.ArgumentParser:

@@ -75,3 +75,38 @@ def test_speaker_tables_are_checked(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="not a speaker table"):
         load_speaker_table(tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "empty, truncated or another format"),
+    (b"hello world", "not a readable torch file"),
+    ("half", "empty, truncated or another format"),
+])
+def test_damaged_files_get_an_error_naming_them(tmp_path, content, match):
+    path = tmp_path / "flow_tiny.pt"
+    path.write_bytes((CKPT / "flow_tiny.pt").read_bytes()[:100_000] if content == "half" else content)
+    with pytest.raises(ValueError, match=match) as error:
+        CausalMaskedDiffWithXvec.from_checkpoint(path)
+    assert str(path) in str(error.value) and "weights_only=False" not in str(error.value)
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    path = tmp_path / "random.pt"
+    path.write_bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+                     .numpy().tobytes())
+    with pytest.raises(ValueError, match="random.pt is not a readable torch file"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_a_checkpoint_of_another_model_is_named(tmp_path, name):
+    """Every model's from_checkpoint names the file when the checkpoint is another model's (its
+    model_config does not describe it, or its weights do not fit)."""
+    other = "hift_tiny.pt" if name != "hift_tiny.pt" else "campplus_tiny.pt"
+    with pytest.raises(ValueError, match=other):
+        SHIPPED[name].from_checkpoint(CKPT / other)
+    ckpt = torch.load(CKPT / name, map_location="cpu", weights_only=True)
+    ckpt["state_dict"].pop(next(iter(ckpt["state_dict"])))
+    torch.save(ckpt, tmp_path / name)
+    with pytest.raises(ValueError, match=f"(?s){name} does not fit .*missing keys"):
+        SHIPPED[name].from_checkpoint(tmp_path / name)
