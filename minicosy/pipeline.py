@@ -248,8 +248,11 @@ class CosyVoice2:
         seed = check_request(speed, seed, stream, incremental)
         if stream and speed != 1.0:
             raise ValueError("speed != 1 works with stream=False only (the official code asserts the same)")
-        if isinstance(tts_text, str):
-            texts: list = [self.frontend.text_ids(s, normalize=False) for s in self.frontend.sentences(tts_text, text_frontend)]
+        if isinstance(tts_text, str):        # sentences, and a sentence too long for one request in pieces
+            ids = [self.frontend.text_ids(s, normalize=False) for s in self.frontend.sentences(tts_text, text_frontend)]
+            texts: list = [t[i:i + MAX_PIECE_IDS] for t in ids for i in range(0, len(t), MAX_PIECE_IDS)]
+            if not texts:
+                raise ValueError(f"text {tts_text[:80]!r} has nothing to say")
         elif isinstance(tts_text, Iterable):
             texts = [self.frontend.text_id_stream(tts_text)]
         else:
@@ -315,6 +318,7 @@ class CosyVoice2:
         yield clock.emit(speech.cpu(), len(tokens) - done, self.sample_rate, {"sentence": sentence})
 
 
+MAX_PIECE_IDS = 200         # text ids per LM request: a longer piece (one huge "word") is cut, never a hang
 SPEED_RANGE = (0.5, 2.0)    # `speed` stretches the mel (offline only): beyond these it is no longer speech
 
 

@@ -255,3 +255,22 @@ def test_non_finite_audio_is_never_returned(tts):
             list(tts.inference_sft(TEXT, "broken", seed=0))
     finally:
         del tts.spk2info["broken"]
+
+
+def test_a_huge_word_is_cut_into_bounded_requests(tts, prompt, monkeypatch):
+    """One 10,000-character "word" (or text with special tokens, which is not split into sentences)
+    becomes LM requests of at most MAX_PIECE_IDS ids each, not one request of thousands."""
+    from minicosy import pipeline
+
+    wav, _ = prompt
+    lengths = []
+    real = tts.lm.inference
+
+    def spy(text, *args, **kwargs):
+        lengths.append(len(text))
+        return real(text, *args, **{**kwargs, "max_token_text_ratio": 0.1})    # keep the test short
+
+    monkeypatch.setattr(tts.lm, "inference", spy)
+    next(tts.inference_cross_lingual("a" * 10_000, wav, seed=0))
+    next(tts.inference_cross_lingual("<|endofprompt|>" + "b" * 5_000, wav, seed=0))
+    assert lengths and max(lengths) <= pipeline.MAX_PIECE_IDS
