@@ -10,6 +10,8 @@ Usage::
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Union
@@ -24,6 +26,7 @@ from .textnorm import normalize_text, split_sentences
 MIN_PROMPT_SECONDS = 1.0
 MAX_PROMPT_SECONDS = 30.0     # the official speech tokenizer refuses longer audio (NOTES.md §6)
 SILENCE_PEAK = 1e-3
+MAX_FLOAT_PEAK = 2.0           # float audio louder than this is not [-1, 1] audio (e.g. PCM as float)
 
 # a path, (waveform, sample_rate), or a bare waveform at 16 kHz (the official ``prompt_speech_16k``)
 PromptAudio = Union[str, Path, tuple, np.ndarray, torch.Tensor]
@@ -48,25 +51,45 @@ class Prompt:
     seconds: float                 # duration of the recording
 
 
+def pcm_to_float(wav: np.ndarray | torch.Tensor, what: str = "audio") -> np.ndarray:
+    """Float32 samples in [-1, 1] from float or integer PCM (int16 / int32 scaled by their full
+    scale, uint8 centred on 128). Boolean, complex and other non-audio arrays, and float samples
+    far outside [-1, 1] (integer PCM stored as float), are ``ValueError``s."""
+    wav = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
+    if wav.dtype == np.uint8:
+        return (wav.astype(np.float32) - 128.0) / 128.0
+    if np.issubdtype(wav.dtype, np.signedinteger):
+        return (wav / float(np.iinfo(wav.dtype).max + 1)).astype(np.float32)
+    if not np.issubdtype(wav.dtype, np.floating):
+        raise ValueError(f"{what}: samples must be float or integer PCM, got {wav.dtype} values")
+    peak = float(np.abs(wav).max()) if wav.size and np.isfinite(wav).all() else 0.0
+    if peak > MAX_FLOAT_PEAK:
+        raise ValueError(f"{what}: float samples must lie within [-1, 1], got a peak of {peak:g} "
+                         "(integer PCM? pass it as an integer array, or divide it by 32768)")
+    return wav.astype(np.float32)
+
+
 def read_prompt_audio(audio: PromptAudio, what: str = "prompt audio") -> tuple[np.ndarray, int]:
     """Mono float32 waveform and rate of any supported prompt; checks its length and loudness.
     Raises ``FileNotFoundError`` / ``ValueError`` naming the problem."""
     if isinstance(audio, (str, Path)):
         wav, sr = load_wav(audio)
     elif isinstance(audio, tuple):
-        if len(audio) != 2 or not isinstance(audio[1], (int, np.integer)):
-            raise ValueError(f"{what}: a tuple must be (waveform, sample_rate), got {type(audio).__name__} of {len(audio)}")
+        if len(audio) != 2 or isinstance(audio[1], (bool, np.bool_)) or not isinstance(audio[1], numbers.Real):
+            raise ValueError(f"{what}: a tuple must be (waveform, sample_rate as a number), got "
+                             f"({', '.join(type(a).__name__ for a in audio)})")
         wav, sr = audio
     elif isinstance(audio, (np.ndarray, torch.Tensor)):
         wav, sr = audio, 16000
     else:
         raise ValueError(f"{what} must be a path, (waveform, sample_rate) or a 16 kHz waveform, got {type(audio).__name__}")
-    wav = torch.as_tensor(wav, dtype=torch.float32).detach().cpu().numpy()
+    if not math.isfinite(sr) or sr < 1000:
+        raise ValueError(f"{what}: the sample rate must be a number of at least 1000 Hz, got {sr!r}")
+    wav, sr = pcm_to_float(wav, what), int(round(sr))
     if wav.ndim == 2:                        # (channels, samples) or (samples, channels): downmix
         wav = wav.mean(axis=0 if wav.shape[0] < wav.shape[1] else 1)
-    if wav.ndim != 1 or sr <= 0:
-        raise ValueError(f"{what}: expected a mono or multi-channel waveform and a positive rate, "
-                         f"got shape {wav.shape} at {sr} Hz")
+    if wav.ndim != 1:
+        raise ValueError(f"{what}: expected a mono or multi-channel waveform, got shape {wav.shape}")
     seconds = wav.size / sr
     if seconds < MIN_PROMPT_SECONDS:
         raise ValueError(f"{what} is too short: {seconds:.2f} s, need at least {MIN_PROMPT_SECONDS:.0f} s")

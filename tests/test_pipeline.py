@@ -274,3 +274,20 @@ def test_a_huge_word_is_cut_into_bounded_requests(tts, prompt, monkeypatch):
     next(tts.inference_cross_lingual("a" * 10_000, wav, seed=0))
     next(tts.inference_cross_lingual("<|endofprompt|>" + "b" * 5_000, wav, seed=0))
     assert lengths and max(lengths) <= pipeline.MAX_PIECE_IDS
+
+
+def test_prompt_arrays_in_any_pcm_form(tts, prompt):
+    """Integer PCM is scaled to [-1, 1]; any real sample rate is taken; what is not audio is refused."""
+    from minicosy.frontend import read_prompt_audio
+
+    wav, _ = prompt
+    audio, sr = sf.read(wav, dtype="float32")
+    pcm = (audio * 32767).astype(np.int16)
+    as_int, rate = read_prompt_audio((pcm, sr))
+    assert rate == sr and np.abs(as_int - audio).max() < 1e-4
+    assert np.allclose(read_prompt_audio((audio, float(sr)))[0], audio)
+    assert np.abs(read_prompt_audio((torch.from_numpy(pcm.astype(np.int32) << 16), sr))[0] - audio).max() < 1e-4
+    for bad, match in [((audio > 0, sr), "float or integer PCM"), ((audio * 1000, sr), "within \\[-1, 1\\]"),
+                       ((audio, float("nan")), "sample rate"), ((audio, 8), "sample rate"), ((audio, "fast"), "tuple")]:
+        with pytest.raises(ValueError, match=match):
+            read_prompt_audio(bad)
