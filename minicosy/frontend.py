@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Union
@@ -20,9 +21,12 @@ import numpy as np
 import torch
 
 from .audio import load_wav, mel_spectrogram, resample
-from .text_tokenizer import TextTokenizer, UnitTokenizer
+from .text_tokenizer import COSYVOICE_SPECIAL_TOKENS, QWEN_SPECIAL_TOKENS, TextTokenizer, UnitTokenizer
 from .textnorm import normalize_text, split_sentences
 
+# special tokens in user text, kept whole (the one-or-more-word check looks past them)
+SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in sorted(QWEN_SPECIAL_TOKENS + COSYVOICE_SPECIAL_TOKENS,
+                                                                    key=len, reverse=True)) + r"|<\|[^|<>]*\|>)")
 MIN_PROMPT_SECONDS = 1.0
 MAX_PROMPT_SECONDS = 30.0     # the official speech tokenizer refuses longer audio (NOTES.md §6)
 SILENCE_PEAK = 1e-3
@@ -111,13 +115,30 @@ class Frontend:
         self.sample_rate, self.token_mel_ratio = sample_rate, token_mel_ratio
 
     def sentences(self, text: str, normalize: bool = True) -> list[str]:
-        """Normalised sentences to synthesise one by one (official ``text_normalize(split=True)``);
-        text holding ``<|...|>`` special tokens is kept whole. Empty text is a ``ValueError``."""
+        """Normalised sentences to synthesise one by one (official ``text_normalize(split=True)``).
+
+        What user text may hold: any Unicode text, plus the special tokens of
+        :data:`~minicosy.text_tokenizer.COSYVOICE_SPECIAL_TOKENS` (``[breath]``, ``<strong>`` …) and
+        ``<|...|>`` tokens, which are kept whole. Text holding ``<|...|>`` tokens is not split into
+        sentences (as officially) but its words are still normalised around them. Text without a
+        single letter or digit outside the special tokens, and text that is not valid Unicode (a
+        lone surrogate), are ``ValueError``s."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str or an iterable of str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text is not valid Unicode at position {e.start} (a lone surrogate?)") from None
         if not text.strip():
             raise ValueError("text is empty: nothing to synthesise")
-        if not normalize or "<|" in text:
+        if not re.search(r"\w", SPECIAL_RE.sub(" ", text)):
+            raise ValueError(f"text {text[:80]!r} has nothing to say (no word outside the special tokens)")
+        if "<|" in text:
+            parts = SPECIAL_RE.split(text.strip())
+            return ["".join(p if k % 2 or not normalize or not p.strip()
+                            else p[:len(p) - len(p.lstrip())] + normalize_text(p.strip()) + p[len(p.rstrip()):]
+                            for k, p in enumerate(parts))]
+        if not normalize:
             return [text.strip()]
         pieces = split_sentences(normalize_text(text))
         if not pieces:

@@ -248,15 +248,16 @@ class CosyVoice2:
         seed = check_request(speed, seed, stream, incremental)
         if stream and speed != 1.0:
             raise ValueError("speed != 1 works with stream=False only (the official code asserts the same)")
+        if isinstance(tts_text, (bytes, bytearray, dict)) or not isinstance(tts_text, (str, Iterable)):
+            raise ValueError(f"tts_text must be a str or an iterable of str, got {type(tts_text).__name__}"
+                             + (" (decode it first)" if isinstance(tts_text, (bytes, bytearray)) else ""))
         if isinstance(tts_text, str):        # sentences, and a sentence too long for one request in pieces
             ids = [self.frontend.text_ids(s, normalize=False) for s in self.frontend.sentences(tts_text, text_frontend)]
             texts: list = [t[i:i + MAX_PIECE_IDS] for t in ids for i in range(0, len(t), MAX_PIECE_IDS)]
             if not texts:
                 raise ValueError(f"text {tts_text[:80]!r} has nothing to say")
-        elif isinstance(tts_text, Iterable):
-            texts = [self.frontend.text_id_stream(tts_text)]
         else:
-            raise ValueError(f"tts_text must be a str or an iterable of str, got {type(tts_text).__name__}")
+            texts = [self.frontend.text_id_stream(tts_text)]
         # separate generators for LM sampling and the vocoder's source phases, so that a streaming
         # and an offline request with the same seed sample the same speech tokens
         generators = [torch.Generator(self.device).manual_seed(seed + k) if seed is not None else None for k in (0, 1)]

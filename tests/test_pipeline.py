@@ -291,3 +291,18 @@ def test_prompt_arrays_in_any_pcm_form(tts, prompt):
                        ((audio, float("nan")), "sample rate"), ((audio, 8), "sample rate"), ((audio, "fast"), "tuple")]:
         with pytest.raises(ValueError, match=match):
             read_prompt_audio(bad)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[laughter]", "nothing to say"), ("<|endofprompt|>", "nothing to say"), ("\ud800 hello", "not valid Unicode"),
+    (b"hello", "decode it first"), ({"hello": 1}, "got dict"), (iter(["", "  "]), "nothing to say"),
+])
+def test_what_user_text_may_hold(tts, prompt, text, match):
+    wav, _ = prompt
+    with pytest.raises(ValueError, match=match):
+        next(tts.inference_cross_lingual(text, wav, seed=0))
+
+
+def test_special_tokens_keep_the_words_around_them_normalised(tts):
+    assert tts.frontend.sentences("Say 3 words<|endofprompt|>then 4 more [breath] now.") == [
+        "Say three words<|endofprompt|>then four more [breath] now."]
