@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,21 @@ import numpy as np
 from .config import CorpusConfig, get_config
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+DEFAULT_SPEAKER = "hibari_heart"     # `tts` without a prompt or speaker id speaks as this SFT speaker
+
+
+def check_output_path(path: str | Path) -> None:
+    """Before any synthesis: the output must be a writable .wav file path."""
+    path = Path(path)
+    if path.suffix.lower() != ".wav":
+        raise ValueError(f"--out must name a .wav file, got {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a folder")
+    parent = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {str(path)!r} cannot be written ({parent} is not a writable folder)")
 
 
 def _write(path: str | Path, outputs: list[dict], sample_rate: int) -> np.ndarray:
@@ -90,13 +106,20 @@ def tts_command(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
+    check_output_path(args.out)
     tts = CosyVoice2.from_pretrained(args.model, device=args.device, dtype=dtype)
     common = {"stream": args.stream, "speed": args.speed, "seed": args.seed, "incremental": args.incremental}
-    if args.spk_id:
-        gen = tts.inference_sft(args.text, args.spk_id, **common)
-    elif args.prompt_wav is None:
-        raise SystemExit("--prompt-wav is required unless --spk-id names a known speaker")
-    elif args.instruct:
+    if args.prompt_wav is None and args.instruct is not None:
+        raise ValueError("--instruct needs --prompt-wav (the voice that follows the instruction)")
+    if args.spk_id or args.prompt_wav is None:
+        speakers = tts.list_available_spks()
+        spk_id = args.spk_id or (DEFAULT_SPEAKER if DEFAULT_SPEAKER in speakers else next(iter(speakers), None))
+        if spk_id is None:
+            raise ValueError(f"{args.model} has no registered speaker: give --prompt-wav (and --prompt-text)")
+        if not args.spk_id:
+            print(f"no --prompt-wav or --spk-id: speaking as {spk_id!r} (the default voice)")
+        gen = tts.inference_sft(args.text, spk_id, **common)
+    elif args.instruct is not None:
         gen = tts.inference_instruct2(args.text, args.instruct, args.prompt_wav, **common)
     elif args.prompt_text:
         gen = tts.inference_zero_shot(args.text, args.prompt_text, args.prompt_wav, **common)
@@ -151,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--prompt-wav")
     t.add_argument("--prompt-text", help="transcript of --prompt-wav (zero-shot); without it: cross-lingual")
     t.add_argument("--instruct", help="an instruction, e.g. 'Please speak very fast.' (instruct2 mode)")
-    t.add_argument("--spk-id", help="a speaker id known to the model (SFT mode)")
+    t.add_argument("--spk-id", help=f"a speaker id known to the model (SFT mode); without it and without --prompt-wav "
+                   f"the model speaks as {DEFAULT_SPEAKER!r} (or its first registered speaker)")
     t.add_argument("--stream", action="store_true")
     t.add_argument("--incremental", action="store_true", help="streaming flow that caches past chunks")
     t.add_argument("--speed", type=float, default=1.0)
@@ -182,13 +206,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="cosyvoice2_0p5b")
     p.add_argument("--out", default="docs/pipeline.png")
     args = parser.parse_args(argv)
-    if args.cmd == "demo":
-        demo(args.root, args.out, args.seed)
-    elif args.cmd == "tts":
-        tts_command(args)
-    elif args.cmd == "eval":
-        eval_command(args)
-    else:
+    try:
+        if args.cmd == "demo":
+            demo(args.root, args.out, args.seed)
+        elif args.cmd == "tts":
+            tts_command(args)
+        elif args.cmd == "eval":
+            eval_command(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:   # one line, not a traceback
+        print(f"minicosy {args.cmd}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.cmd == "pipeline":
         from .viz import plot_pipeline
 
         fig = plot_pipeline(get_config(args.preset))

@@ -108,8 +108,23 @@ def test_tts_command_writes_a_wav_and_prints_latencies(corpus_root, tmp_path, ca
     printed = capsys.readouterr().out
     assert sr == 24000 and len(wav) > 0 and len(wav) % 960 == 0
     assert "first package after" in printed and "eq. 11" in printed
-    with pytest.raises(SystemExit, match="prompt-wav"):
-        main(["tts", "--text", "Hi.", "--out", str(out)])
+
+
+def test_tts_command_speaks_in_the_default_voice_and_fails_in_one_line(corpus_root, tmp_path, capsys):
+    out = tmp_path / "default.wav"
+    main(["tts", "--text", "Hello there.", "--out", str(out), "--threads", "1"])
+    assert "speaking as 'hibari_heart'" in capsys.readouterr().out and len(sf.read(out)[0]) > 0
+    wav = str(corpus_root / synthesis_trials(corpus_root, n=1)[0]["prompt"]["path"])
+    for args, match in [(["--prompt-wav", wav, "--instruct", ""], "instruct_text is empty"),
+                        (["--prompt-wav", "no/such.wav"], "does not exist"),
+                        (["--out", str(tmp_path)], "must name a .wav file"),
+                        (["--out", str(tmp_path / "x.txt")], "must name a .wav file"),
+                        (["--spk-id", "nobody"], "unknown speaker id")]:
+        with pytest.raises(SystemExit) as stop:
+            main(["tts", "--text", "Hi there.", "--out", str(tmp_path / "y.wav"), "--threads", "1", *args])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("minicosy tts: error:") and match in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_demo_speaks_a_held_out_sentence(corpus_root, tmp_path, capsys):
