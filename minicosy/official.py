@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -143,13 +144,38 @@ def config_from_yaml(path: str | Path) -> MiniCosyConfig:
     return cfg
 
 
+OPTIONAL = ("campplus.onnx", "speech_tokenizer_v2.onnx")    # only prompts need them
+QWEN_FILES = ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
 def check_official_folder(folder: str | Path) -> Path:
-    """``FileNotFoundError`` naming every file of the official layout that is missing."""
+    """``FileNotFoundError`` naming every file of the official layout that is missing, the Qwen2
+    folder's tokenizer files included. The two ONNX files are optional: without them the folder
+    still synthesises from a registered speaker (``spk2info.pt``); a warning says so."""
     folder = Path(folder)
-    missing = [f"{name} ({what})" for name, what in FILES.items() if not (folder / name).exists()]
+    missing = [f"{name} ({what})" for name, what in FILES.items()
+               if name not in OPTIONAL and not (folder / name).exists()]
+    missing += [f"{QWEN_DIR}/{name}" for name in QWEN_FILES if (folder / QWEN_DIR).is_dir() and not (folder / QWEN_DIR / name).exists()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a complete CosyVoice2-0.5B folder; missing: " + "; ".join(missing))
+    absent = [name for name in OPTIONAL if not (folder / name).exists()]
+    if absent:
+        warnings.warn(f"{folder} has no {' or '.join(absent)}: prompt audio cannot be used (zero-shot, cross-lingual, "
+                      "instruct); synthesis from a registered speaker (spk2info.pt) still works", stacklevel=3)
     return folder
+
+
+class MissingOnnx:
+    """Stands in for an official ONNX model that the folder lacks: any use is a clear error."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _refuse(self, *args, **kwargs):
+        raise FileNotFoundError(f"{self.path} is missing, so prompt audio cannot be used; synthesise from a registered "
+                                "speaker (inference_sft / zero_shot_spk_id) or add the file")
+
+    tokenize = embed = _refuse
 
 
 def read_official_folder(folder: str | Path) -> dict:
@@ -163,9 +189,10 @@ def read_official_folder(folder: str | Path) -> dict:
     flow = CausalMaskedDiffWithXvec(cfg.flow)
     load_flow_state_dict(flow, folder / "flow.pt")
     hift = load_official_hift(folder / "hift.pt", cfg.hift)
-    frontend = Frontend(TextTokenizer.from_pretrained(folder / QWEN_DIR),
-                        OnnxSpeechTokenizer(folder / "speech_tokenizer_v2.onnx"),
-                        CAMPPlusONNX(folder / "campplus.onnx"), cfg.features.sample_rate, cfg.flow.token_mel_ratio)
+    onnx_or_missing = {name: (model(folder / name) if (folder / name).exists() else MissingOnnx(folder / name))
+                       for name, model in (("speech_tokenizer_v2.onnx", OnnxSpeechTokenizer), ("campplus.onnx", CAMPPlusONNX))}
+    frontend = Frontend(TextTokenizer.from_pretrained(folder / QWEN_DIR), onnx_or_missing["speech_tokenizer_v2.onnx"],
+                        onnx_or_missing["campplus.onnx"], cfg.features.sample_rate, cfg.flow.token_mel_ratio)
     spk2info = load_speaker_table(folder / "spk2info.pt") if (folder / "spk2info.pt").exists() else {}
     return {"config": cfg, "frontend": frontend, "lm": lm, "flow": flow.eval(), "hift": hift, "spk2info": spk2info}
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,9 +135,8 @@ class CosyVoice2:
         ``device`` defaults to CPU; ``dtype`` (e.g. ``torch.float16``) applies to the LM and flow."""
         from .official import read_official_folder
 
-        folder = TINY_DIR if str(path) == "tiny" else Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model folder {folder} does not exist")
+        device, dtype = _check_device(device), _check_dtype(dtype)
+        folder = TINY_DIR if str(path) == "tiny" else resolve_model_folder(path)
         if (folder / "cosyvoice2.yaml").exists():
             parts = read_official_folder(folder)
         elif (folder / "minicosy.json").exists():
@@ -143,9 +144,7 @@ class CosyVoice2:
         else:
             raise FileNotFoundError(f"{folder} is not a CosyVoice 2 folder: expected cosyvoice2.yaml (official "
                                     "CosyVoice2-0.5B) or minicosy.json (a minicosy checkpoint folder)")
-        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' was requested but torch sees no CUDA GPU")
-        return cls(**parts, device=device or "cpu", dtype=dtype, model_dir=folder)
+        return cls(**parts, device=device, dtype=dtype, model_dir=folder)
 
     # ---- speakers ----------------------------------------------------------------------------
     def list_available_spks(self) -> list[str]:
@@ -342,13 +341,77 @@ def _no_tokens() -> torch.Tensor:
     return torch.zeros(1, 0, dtype=torch.long)
 
 
+HUB_ALIASES = {"iic/CosyVoice2-0.5B": "FunAudioLLM/CosyVoice2-0.5B"}   # ModelScope's name -> Hugging Face's
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_folder(path: str | Path) -> Path:
+    """A model folder: a path, or a hub name (``FunAudioLLM/CosyVoice2-0.5B``, ModelScope's
+    ``iic/CosyVoice2-0.5B``) found offline, never downloaded: ``$MINICOSY_HOME/<name>`` or
+    ``$MINICOSY_HOME/<owner>/<name>``, the ModelScope cache, or the Hugging Face cache
+    (``snapshot_download(local_files_only=True)``). Anything else is a ``FileNotFoundError``
+    saying what to download and where to put it."""
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise FileNotFoundError(f"{folder} is a file; give the model folder that holds it")
+    name = str(path)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or name.startswith((".", "/")):
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    repo = HUB_ALIASES.get(name, name)
+    home = Path(os.environ.get("MINICOSY_HOME", Path.home() / ".cache" / "minicosy"))
+    candidates = [home / repo.split("/")[1], home / repo, home / name,
+                  Path.home() / ".cache" / "modelscope" / "hub" / name, Path.home() / ".cache" / "modelscope" / "hub" / repo]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:                  # not in the cache (or no huggingface_hub): say what to do
+        raise FileNotFoundError(
+            f"{name} is not on this machine and minicosy never downloads: fetch it yourself (e.g. `huggingface-cli "
+            f"download {repo}`) into the Hugging Face cache, or put the folder at {home / repo.split('/')[1]} "
+            "($MINICOSY_HOME), or pass its path") from None
+
+
+def _check_device(device: str | torch.device | None) -> torch.device:
+    try:
+        device = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps): {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but torch sees no CUDA GPU")
+    return device
+
+
+def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be torch.float32, float16 or bfloat16 (or 'fp32', 'fp16', 'bf16'), got {dtype!r}")
+
+
 def _read_minicosy_folder(folder: Path) -> dict:
     """The components of a minicosy checkpoint folder, named in its ``minicosy.json``."""
     import json
 
-    spec = json.loads((folder / "minicosy.json").read_text())
-    files = {k: folder / spec[k] for k in ("llm", "flow", "hift", "campplus", "speech_tokenizer", "text_tokenizer")
-             if k in spec}
+    try:
+        spec = json.loads((folder / "minicosy.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / 'minicosy.json'} is not valid JSON: {e}") from None
+    keys = ("llm", "flow", "hift", "campplus", "speech_tokenizer", "text_tokenizer")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{folder / 'minicosy.json'} must map {', '.join(keys)} to file names, got a {type(spec).__name__}")
+    wrong = [k for k in (*keys, "spk2info") if k in spec and not (isinstance(spec[k], str) and spec[k])
+             and not (k == "spk2info" and spec[k] is None)]
+    if wrong:
+        raise ValueError(f"{folder / 'minicosy.json'}: {', '.join(f'{k!r}' for k in wrong)} must name a file")
+    files = {k: folder / spec[k] for k in keys if k in spec}
     missing = [f"{k} ({p.name})" for k, p in files.items() if not p.exists()]
     absent = {"llm", "flow", "hift", "campplus", "speech_tokenizer", "text_tokenizer"} - files.keys()
     if missing or absent:

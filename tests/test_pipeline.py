@@ -306,3 +306,61 @@ def test_what_user_text_may_hold(tts, prompt, text, match):
 def test_special_tokens_keep_the_words_around_them_normalised(tts):
     assert tts.frontend.sentences("Say 3 words<|endofprompt|>then 4 more [breath] now.") == [
         "Say three words<|endofprompt|>then four more [breath] now."]
+
+
+def test_loading_options_and_folders_are_checked_first(tmp_path):
+    with pytest.raises(ValueError, match="'bogus' is not a torch device"):
+        CosyVoice2.from_pretrained("tiny", device="bogus")
+    with pytest.raises(ValueError, match="dtype must be"):
+        CosyVoice2.from_pretrained("tiny", dtype="int8")
+    assert next(CosyVoice2.from_pretrained("tiny", dtype="bf16").lm.parameters()).dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError, match="is a file; give the model folder"):
+        CosyVoice2.from_pretrained(TINY_DIR / "minicosy.json")
+    spec = json.loads((TINY_DIR / "minicosy.json").read_text())
+    for bad, match in [("{not json", "not valid JSON"), ("[1, 2]", "got a list"),
+                       (json.dumps(dict(spec, llm=None)), "'llm' must name a file")]:
+        (tmp_path / "minicosy.json").write_text(bad)
+        with pytest.raises(ValueError, match=match):
+            CosyVoice2.from_pretrained(tmp_path)
+
+
+def test_hub_names_resolve_offline_or_say_what_to_download(tmp_path, monkeypatch):
+    """``FunAudioLLM/CosyVoice2-0.5B`` (or ModelScope's ``iic/...``) is looked up in $MINICOSY_HOME
+    and the Hugging Face cache (laid out here by hand), never downloaded."""
+    from minicosy.pipeline import resolve_model_folder
+
+    monkeypatch.setenv("MINICOSY_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))   # what $HF_HUB_CACHE sets
+    with pytest.raises(FileNotFoundError, match="never downloads.*huggingface-cli download FunAudioLLM/CosyVoice2-0.5B"):
+        resolve_model_folder("iic/CosyVoice2-0.5B")
+    snapshot = tmp_path / "hf" / "models--FunAudioLLM--CosyVoice2-0.5B" / "snapshots" / "abc123"
+    shutil.copytree(TINY_DIR, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    assert resolve_model_folder("FunAudioLLM/CosyVoice2-0.5B") == snapshot
+    assert resolve_model_folder("iic/CosyVoice2-0.5B") == snapshot
+    assert CosyVoice2.from_pretrained("FunAudioLLM/CosyVoice2-0.5B").model_dir == snapshot
+    (tmp_path / "home" / "CosyVoice2-0.5B").mkdir(parents=True)
+    assert resolve_model_folder("FunAudioLLM/CosyVoice2-0.5B") == tmp_path / "home" / "CosyVoice2-0.5B"
+
+
+def test_official_folder_without_the_onnx_files_still_speaks_as_a_registered_speaker(tts, prompt, tmp_path):
+    """Without campplus.onnx / speech_tokenizer_v2.onnx the folder loads (a warning says what
+    is lost), speaks as a speaker registered in its spk2info.pt, and refuses prompt audio clearly."""
+    wav, text = prompt
+    folder = write_official_folder(tts, tmp_path / "CosyVoice2-tiny", TINY_DIR / "text_tokenizer")
+    tts.add_zero_shot_spk(text, wav, "guest")
+    try:
+        tts.save_spkinfo(folder / "spk2info.pt")
+    finally:
+        del tts.spk2info["guest"]
+    for name in ("campplus.onnx", "speech_tokenizer_v2.onnx"):
+        (folder / name).unlink()
+    with pytest.warns(UserWarning, match="prompt audio cannot be used"):
+        back = CosyVoice2.from_pretrained(folder)
+    assert _audio(list(back.inference_zero_shot("Hello there.", "", None, zero_shot_spk_id="guest", seed=0))).shape[1] > 0
+    with pytest.raises(FileNotFoundError, match="speech_tokenizer_v2.onnx is missing"):
+        next(back.inference_cross_lingual(TEXT, wav))
+    (folder / "CosyVoice-BlankEN" / "merges.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="CosyVoice-BlankEN/merges.txt"):
+        CosyVoice2.from_pretrained(folder)
