@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,8 +45,8 @@ from onnx import numpy_helper
 from .audio import kaldi_fbank, load_wav, resample
 from .config import CAMPPlusConfig, FeatureConfig, get_config
 from .data import load_manifest
-from .train import (TrainConfig, check_finite, load_state_dict_checked, model_from_checkpoint, read_torch_file,
-                    recipe_parser, save_checkpoint, seed_everything, train_loop)
+from .train import (TrainConfig, check_finite, load_state_dict_checked, model_from_checkpoint, onnx_session,
+                    read_torch_file, recipe_parser, save_checkpoint, seed_everything, train_loop)
 
 MIN_FRAMES = 3          # fbank frames: the stride-2 TDNN must leave >= 2 frames for the std of stats pooling
 ONNX_INPUT, ONNX_OUTPUT = "input", "output"   # the names inside the official campplus.onnx
@@ -299,13 +298,8 @@ class CAMPPlusONNX:
     """
 
     def __init__(self, path: str | Path, n_mels: int = 80, num_threads: int = 1):
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"CAM++ ONNX model {path} does not exist")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = num_threads
-        self.path = path
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = Path(path)
+        self.session = onnx_session(path, "CAM++ ONNX model", num_threads)
         self.input_name = self.session.get_inputs()[0].name
         self.n_mels = n_mels
 

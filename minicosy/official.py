@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 import shutil
 import warnings
@@ -98,9 +99,29 @@ def _section(doc: dict, path: str, key: str) -> dict:
 
 
 def config_from_yaml(path: str | Path) -> MiniCosyConfig:
-    """minicosy's full-size config with every value the yaml states (sizes, sampling, solver)."""
-    doc, cfg = read_yaml(path), get_config("cosyvoice2_0p5b")
-    llm, flow, hift = (_section(doc, str(path), k) for k in ("llm", "flow", "hift"))
+    """minicosy's full-size config with every value the yaml states (sizes, sampling, solver); a
+    value of the wrong kind (text where a number belongs) is a ``ValueError`` naming the field."""
+    doc = read_yaml(path)
+    try:
+        cfg = _config_from_doc(doc, str(path))
+    except (TypeError, ValueError, AttributeError, IndexError) as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: a hyperparameter has the wrong type ({e})") from None
+    default = get_config("cosyvoice2_0p5b")
+    for section in ("lm", "flow", "hift", "features"):
+        for field in dataclasses.fields(getattr(cfg, section)):
+            value, like = getattr(getattr(cfg, section), field.name), getattr(getattr(default, section), field.name)
+            values, likes = (value, like) if isinstance(like, tuple) else ((value,), (like,))
+            if any(isinstance(x, numbers.Real) and not isinstance(x, bool) and
+                   (isinstance(v, bool) or not isinstance(v, numbers.Real)) for x, v in zip(likes, values)):
+                raise ValueError(f"{path}: {section}.{field.name} must be a number, got {value!r}")
+    return cfg
+
+
+def _config_from_doc(doc: dict, path: str) -> MiniCosyConfig:
+    cfg = get_config("cosyvoice2_0p5b")
+    llm, flow, hift = (_section(doc, path, k) for k in ("llm", "flow", "hift"))
     sampling = llm.get("sampling", {})
     cfg.lm = dataclasses.replace(cfg.lm, speech_token_size=llm.get("speech_token_size", cfg.lm.speech_token_size),
                                  mix_ratio=tuple(llm.get("mix_ratio", cfg.lm.mix_ratio)),

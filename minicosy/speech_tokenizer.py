@@ -42,8 +42,8 @@ from .config import FeatureConfig, SpeechTokenizerConfig, get_config
 from .data import checkpoint_cache, load_manifest
 from .fsq import FSQ, VectorQuantizer
 from .textnorm import english_phones, transcript  # noqa: F401  (reading units; re-exported here)
-from .train import (TrainConfig, model_from_checkpoint, recipe_parser, save_checkpoint, seed_everything, state_file,
-                    train_loop)
+from .train import (TrainConfig, model_from_checkpoint, onnx_session, recipe_parser, save_checkpoint, seed_everything,
+                    state_file, train_loop)
 
 HOP = 160            # Whisper hop at 16 kHz
 SAMPLES_PER_TOKEN = 4 * HOP
@@ -477,15 +477,8 @@ class OnnxSpeechTokenizer:
     """An ONNX tokenizer file (the official one, or :func:`export_onnx`'s) behind :meth:`tokenize`."""
 
     def __init__(self, path: str | Path):
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"speech tokenizer ONNX file {path} not found")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        self.path = path
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.path = Path(path)
+        self.session = onnx_session(path, "speech tokenizer ONNX file", threads=2)
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def tokenize(self, wav: np.ndarray | torch.Tensor, sr: int) -> torch.Tensor:

@@ -384,6 +384,22 @@ def read_torch_file(path: str | Path) -> object:
                          f"{type(e).__name__})") from None
 
 
+def onnx_session(path: str | Path, what: str, threads: int = 1):
+    """An onnxruntime CPU session of ``path``; a missing file is a ``FileNotFoundError`` and a file
+    onnxruntime cannot read a ``ValueError``, both naming ``what`` and the file."""
+    import onnxruntime
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:      # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+        raise ValueError(f"{what} {path} is not a readable ONNX model ({type(e).__name__})") from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`save_checkpoint`, weights cast back to float32.
 

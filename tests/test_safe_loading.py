@@ -110,3 +110,30 @@ def test_a_checkpoint_of_another_model_is_named(tmp_path, name):
     torch.save(ckpt, tmp_path / name)
     with pytest.raises(ValueError, match=f"(?s){name} does not fit .*missing keys"):
         SHIPPED[name].from_checkpoint(tmp_path / name)
+
+
+def test_a_broken_onnx_file_is_named(tmp_path):
+    from minicosy.campplus import CAMPPlusONNX
+    from minicosy.speech_tokenizer import OnnxSpeechTokenizer
+
+    broken = tmp_path / "campplus.onnx"
+    broken.write_bytes(b"\x08\x07not a model")
+    with pytest.raises(ValueError, match="campplus.onnx is not a readable ONNX model"):
+        CAMPPlusONNX(broken)
+    with pytest.raises(ValueError, match="speech tokenizer ONNX file .*campplus.onnx is not a readable ONNX model"):
+        OnnxSpeechTokenizer(broken)
+
+
+def test_a_yaml_field_of_the_wrong_kind_is_named(tmp_path):
+    from minicosy.official import config_from_yaml, write_official_folder
+    from minicosy.pipeline import TINY_DIR, CosyVoice2
+
+    folder = write_official_folder(CosyVoice2.from_pretrained("tiny"), tmp_path / "f", TINY_DIR / "text_tokenizer")
+    text = (folder / "cosyvoice2.yaml").read_text()
+    assert config_from_yaml(folder / "cosyvoice2.yaml").flow.estimator_n_blocks == 1
+    (folder / "cosyvoice2.yaml").write_text(text.replace("n_blocks: 1", "n_blocks: many"))
+    with pytest.raises(ValueError, match="cosyvoice2.yaml: flow.estimator_n_blocks must be a number, got 'many'"):
+        CosyVoice2.from_pretrained(folder)
+    (folder / "cosyvoice2.yaml").write_text(text.replace("sigma_min: 1e-06", "sigma_min: small"))
+    with pytest.raises(ValueError, match="cosyvoice2.yaml: a hyperparameter has the wrong type"):
+        config_from_yaml(folder / "cosyvoice2.yaml")
