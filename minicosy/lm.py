@@ -78,12 +78,21 @@ def lm_config_from_qwen_folder(folder: str | Path, base: LMConfig | None = None)
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no Qwen config.json in {folder}")
-    q = json.loads(path.read_text())
+    try:
+        q = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(q, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(q).__name__}")
     if q.get("model_type") != "qwen2":
         raise ValueError(f"{path}: model_type {q.get('model_type')!r}, expected 'qwen2'")
     if not q.get("tie_word_embeddings", False) or q.get("hidden_act", "silu") != "silu" or q.get("use_sliding_window"):
         raise ValueError(f"{path}: only the Qwen2.5-0.5B layout (tied embeddings, silu, no sliding window) works")
     rope_theta = q.get("rope_theta", (q.get("rope_parameters") or {}).get("rope_theta", 1e6))
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    wrong = [k for k in sizes if isinstance(q.get(k), bool) or not isinstance(q.get(k), int) or q[k] <= 0]
+    if wrong:
+        raise ValueError(f"{path}: {', '.join(wrong)} must be positive integers")
     cfg = dataclasses.replace(
         base or LMConfig(), hidden_size=q["hidden_size"], intermediate_size=q["intermediate_size"],
         num_hidden_layers=q["num_hidden_layers"], num_attention_heads=q["num_attention_heads"],

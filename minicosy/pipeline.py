@@ -170,6 +170,8 @@ class CosyVoice2:
 
     def _prompt(self, prompt_wav: PromptAudio | None, prompt_text: str | None, spk_id: str,
                 text_frontend: bool, incremental: bool = False) -> tuple[Prompt, PromptState | None]:
+        if not isinstance(spk_id, str):
+            raise ValueError(f"zero_shot_spk_id must be a str, got {type(spk_id).__name__}")
         if spk_id:
             info = self.spk2info.get(spk_id, {})
             if "prompt" not in info:
@@ -226,7 +228,7 @@ class CosyVoice2:
     def inference_sft(self, tts_text: str | Iterable[str], spk_id: str, stream: bool = False, speed: float = 1.0,
                       text_frontend: bool = True, **kw) -> Iterator[dict]:
         """A known speaker by id (§2.7): LM without prompts, flow with the speaker's x-vector only."""
-        if spk_id not in self.spk2info:
+        if not isinstance(spk_id, str) or spk_id not in self.spk2info:
             raise ValueError(f"unknown speaker id {spk_id!r}; available: {self.list_available_spks()}")
         start = time.perf_counter()
         emb = self.spk2info[spk_id]["embedding"].reshape(1, -1).float()

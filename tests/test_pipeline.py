@@ -151,6 +151,8 @@ def test_vocoder_stream_cross_fades_and_emits_every_sample(tts):
     (lambda t, w, x: t.inference_cross_lingual(TEXT, w, incremental=1), "incremental must be"),
     (lambda t, w, x: t.inference_instruct2(TEXT, "<|endofprompt|>", w), "instruct_text"),
     (lambda t, w, x: t.inference_sft(TEXT, "nobody"), "unknown speaker"),
+    (lambda t, w, x: t.inference_sft(TEXT, ["hibari_heart"]), "unknown speaker"),
+    (lambda t, w, x: t.inference_zero_shot(TEXT, x, w, zero_shot_spk_id=3), "zero_shot_spk_id must be a str"),
     (lambda t, w, x: t.inference_zero_shot(TEXT, x, None, zero_shot_spk_id="nobody"), "unknown zero-shot"),
     (lambda t, w, x: t.inference_zero_shot(42, x, w), "str"),
 ])

@@ -137,3 +137,13 @@ def test_a_yaml_field_of_the_wrong_kind_is_named(tmp_path):
     (folder / "cosyvoice2.yaml").write_text(text.replace("sigma_min: 1e-06", "sigma_min: small"))
     with pytest.raises(ValueError, match="cosyvoice2.yaml: a hyperparameter has the wrong type"):
         config_from_yaml(folder / "cosyvoice2.yaml")
+
+
+def test_an_invalid_qwen_config_json_is_named(tmp_path):
+    from minicosy.lm import lm_config_from_qwen_folder
+
+    for bad, match in [("{oops", "not valid JSON"), ("[1]", "JSON object"),
+                       ('{"model_type": "qwen2", "tie_word_embeddings": true, "hidden_size": "big"}', "hidden_size")]:
+        (tmp_path / "config.json").write_text(bad)
+        with pytest.raises(ValueError, match=f"config.json.*{match}"):
+            lm_config_from_qwen_folder(tmp_path)
