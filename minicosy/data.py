@@ -81,9 +81,14 @@ def read_texts(texts_dir: str | Path) -> dict[str, list[str]]:
     return texts
 
 
+def sentence_hash(sentence_id: str, cfg: CorpusConfig) -> float:
+    """A stable number in [0, 1] per sentence id (independent of Python's hash seed)."""
+    return int(hashlib.sha1(f"{cfg.seed}:{sentence_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def sentence_split(sentence_id: str, cfg: CorpusConfig) -> str:
-    """train/dev/test by a stable hash of the sentence id (independent of Python's hash seed)."""
-    h = int(hashlib.sha1(f"{cfg.seed}:{sentence_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    """train/dev/test by :func:`sentence_hash`."""
+    h = sentence_hash(sentence_id, cfg)
     if h < cfg.dev_fraction:
         return "dev"
     if h < cfg.dev_fraction + cfg.test_fraction:
@@ -242,9 +247,8 @@ def plan_large(texts: dict[str, list[str]], large: dict[str, list[str]], voices:
         raise ValueError(f"the large corpus asks for {needed} sentences; data/texts/large has {len(pool)}")
     jobs, k = plan_corpus(texts, voices, cfg), 0
     for voice, n in main + thin:
-        for sid, text in pool[k:k + n]:
-            h = int(hashlib.sha1(f"{cfg.seed}:{sid}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            jobs.append(Job(f"{voice.name}-{sid}", text, voice, "dev" if h < cfg.large_dev_fraction else "train"))
+        jobs += [Job(f"{voice.name}-{sid}", text, voice, "dev" if sentence_hash(sid, cfg) < cfg.large_dev_fraction
+                     else "train") for sid, text in pool[k:k + n]]
         k += n
     for voice in [v for v in voices if v.lang == "en"]:
         jobs += [Job(f"{voice.name}-{sid}", text, voice, "eval") for sid, text in pool[k:k + cfg.large_eval]]

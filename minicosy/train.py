@@ -411,7 +411,6 @@ def load_checkpoint(path: str | Path) -> dict:
     ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a minicosy checkpoint (no state_dict/model_config)")
-    check_finite(ckpt["state_dict"], str(path))
     ckpt["state_dict"] = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}
     return ckpt
 
