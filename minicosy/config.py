@@ -16,7 +16,7 @@ Usage::
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass
@@ -88,8 +88,8 @@ class LMConfig:
     sos_id: int = 0                   # rows of the 2-row llm_embedding
     task_id: int = 1
     mix_ratio: tuple[int, int] = (5, 15)  # N text : M speech in the streaming layout
-    min_token_text_ratio: float = 2.0
-    max_token_text_ratio: float = 20.0
+    min_token_text_ratio: float = 2.0     # generated speech tokens per text id, at least ...
+    max_token_text_ratio: float = 20.0    # ... and at most (§2.3's decoding bounds; see UNIT_TOKEN_TEXT_RATIO)
     top_p: float = 0.8                # RAS sampling
     top_k: int = 25
     win_size: int = 10
@@ -107,6 +107,21 @@ class LMConfig:
     def stop_ids(self) -> tuple[int, ...]:
         """Ids that end generation: EOS, the unused 6562 and the fill token (NOTES.md §2)."""
         return tuple(self.speech_token_size + i for i in range(3))
+
+
+# The LM's length bounds (speech tokens per text id) belong to the text units: for BPE pieces (§2.1)
+# the official values, 2 and 20 tokens at 25 Hz; a reading unit (a phone, a word gap, a
+# punctuation mark) spans 1.2-2.7 tokens in the large corpus' English voices, so the BPE minimum
+# of 2 would force the LM past its end of speech (tests/test_lm.py checks the bounds on the corpus).
+UNIT_TOKEN_TEXT_RATIO = {"bpe": (2.0, 20.0), "phone": (1.0, 6.0)}
+
+
+def lm_for_units(lm: LMConfig, units: str) -> LMConfig:
+    """``lm`` with the length bounds of text ``units`` (:data:`UNIT_TOKEN_TEXT_RATIO`)."""
+    if units not in UNIT_TOKEN_TEXT_RATIO:
+        raise ValueError(f"text units must be one of {sorted(UNIT_TOKEN_TEXT_RATIO)}, got {units!r}")
+    low, high = UNIT_TOKEN_TEXT_RATIO[units]
+    return replace(lm, min_token_text_ratio=low, max_token_text_ratio=high)
 
 
 @dataclass
@@ -255,8 +270,8 @@ def tiny() -> MiniCosyConfig:
     cfg.text = TextTokenizerConfig(vocab_size=2000)
     cfg.speech_tokenizer = SpeechTokenizerConfig(
         d_model=128, n_heads=4, encoder1_layers=2, encoder2_layers=2, fsmn_kernel=11, quant_layernorm=True)
-    cfg.lm = LMConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg.lm = lm_for_units(LMConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2), cfg.text.units)
     cfg.flow = FlowConfig(input_size=128, encoder_size=128, encoder_heads=2,
                           encoder_linear_units=256, encoder_blocks=2, up_encoder_blocks=2,
                           estimator_channels=128, estimator_attention_head_dim=32,

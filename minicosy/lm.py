@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
-from .config import LMConfig, get_config
+from .config import LMConfig, get_config, lm_for_units
 from .data import INSTRUCT_DIR, load_manifest
 from .lm_sampling import Sampler, greedy_sampling, ras_sampling
 from .text_tokenizer import TextTokenizer, UnitTokenizer, load_text_tokenizer
@@ -572,5 +572,5 @@ def train_main(argv: list[str] | None = None) -> None:
     from .speech_tokenizer import SpeechTokenizer   # the speech vocabulary is the tokenizer's codebook
 
     codes = SpeechTokenizer.from_checkpoint(a.speech_tokenizer).codebook_size
-    train_lm(train, held, dataclasses.replace(get_config(a.preset).lm, speech_token_size=codes), len(tok), tcfg,
-             a.max_rows, a.out)
+    cfg = lm_for_units(get_config(a.preset).lm, "phone" if isinstance(tok, UnitTokenizer) else "bpe")
+    train_lm(train, held, dataclasses.replace(cfg, speech_token_size=codes), len(tok), tcfg, a.max_rows, a.out)

@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from minicosy.config import LMConfig, get_config
+from minicosy.config import UNIT_TOKEN_TEXT_RATIO, LMConfig, get_config, lm_for_units
 from minicosy.lm import IGNORE_ID, TextSpeechLM, lm_accuracy, lm_loss, load_official_llm
 from minicosy.lm_sampling import greedy_sampling, nucleus_candidates, ras_sampling
 
-from .conftest import GOLDEN, MANIFESTS, need
+from .conftest import GOLDEN, MANIFESTS, ROOT, need
 
 EOS, FILL = 6561, 6563
 TINY = LMConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -330,3 +330,24 @@ def test_streaming_decode_has_the_same_minimum_length():
     chunks = iter([torch.tensor([5, 6]), torch.tensor([7])])     # shorter than N: all decoded at the end
     tokens = list(lm.inference_bistream(chunks, sampling="greedy", min_token_text_ratio=2.0))
     assert len(tokens) == 6 and all(t < 6561 for t in tokens)
+
+
+@pytest.mark.parametrize("units,folder", [("bpe", "text_tokenizer"), ("phone", "text_units")])
+def test_length_bounds_fit_the_corpus_for_each_kind_of_text_unit(corpus_root, units, folder):
+    """Every utterance's speech length (25 Hz) lies within the LM's decoding bounds for its text
+    units: a minimum above the data would force the LM to speak past its end (the BPE minimum of
+    2 tokens per id is above most phone-unit utterances)."""
+    from minicosy.data import load_manifest
+    from minicosy.text_tokenizer import load_text_tokenizer
+
+    tok = load_text_tokenizer(ROOT / "data" / "checkpoints" / folder)
+    low, high = UNIT_TOKEN_TEXT_RATIO[units]
+    ratios = [25 * r["duration"] / len(ids) for r in load_manifest(corpus_root) if r["lang"] == "en"
+              for ids in [tok.encode(r["text"], normalize=True)] if ids]
+    assert len(ratios) > 100 and low <= min(ratios) and max(ratios) <= high
+    if units == "phone":
+        assert sum(x < UNIT_TOKEN_TEXT_RATIO["bpe"][0] for x in ratios) > len(ratios) / 2
+    cfg = lm_for_units(get_config("tiny").lm, units)
+    assert (cfg.min_token_text_ratio, cfg.max_token_text_ratio) == (low, high)
+    with pytest.raises(ValueError, match="text units"):
+        lm_for_units(cfg, "letters")
