@@ -63,6 +63,7 @@ class SpeechTokenizerConfig:
     fsq_dim: int = 8                  # D in eq. 1-2
     fsq_levels: int = 1               # K: each digit in [-K, K]; (2K+1)^D codes
     quant_layernorm: bool = False     # a LayerNorm on H before Proj_down (not in the official model)
+    pad_to_tokens: bool = False       # zero-pad audio to whole tokens (640 samples): the tiny recipe, not official
     vq_codebook_size: int = 4096      # VQ baseline for the comparison (Table 4)
 
     @property
@@ -269,7 +270,8 @@ def tiny() -> MiniCosyConfig:
     cfg = MiniCosyConfig(name="tiny")
     cfg.text = TextTokenizerConfig(vocab_size=2000)
     cfg.speech_tokenizer = SpeechTokenizerConfig(
-        d_model=128, n_heads=4, encoder1_layers=2, encoder2_layers=2, fsmn_kernel=11, quant_layernorm=True)
+        d_model=128, n_heads=4, encoder1_layers=2, encoder2_layers=2, fsmn_kernel=11, quant_layernorm=True,
+        pad_to_tokens=True)
     cfg.lm = lm_for_units(LMConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2), cfg.text.units)
     cfg.flow = FlowConfig(input_size=128, encoder_size=128, encoder_heads=2,

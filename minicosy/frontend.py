@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Protocol, Union
 import numpy as np
 import torch
 
-from .audio import load_wav, mel_spectrogram, resample
+from .audio import RESAMPLERS, load_wav, mel_spectrogram, resample
 from .text_tokenizer import COSYVOICE_SPECIAL_TOKENS, QWEN_SPECIAL_TOKENS, TextTokenizer, UnitTokenizer
 from .textnorm import normalize_text, split_sentences
 
@@ -107,12 +107,18 @@ def read_prompt_audio(audio: PromptAudio, what: str = "prompt audio") -> tuple[n
 
 
 class Frontend:
-    """Text and prompt processing shared by every inference mode."""
+    """Text and prompt processing shared by every inference mode. ``resampling`` is how a prompt
+    reaches 16 kHz (tokens, x-vector) and the flow's rate (mel): ``"soxr"`` for minicosy's own
+    models, ``"sinc"`` (the official ``torchaudio`` resampler, :func:`~minicosy.audio.resample_sinc`)
+    where the official folder is used."""
 
     def __init__(self, text_tokenizer: TextTokenizer | UnitTokenizer, speech_tokenizer: Tokenizes,
-                 speaker_model: Embeds, sample_rate: int = 24000, token_mel_ratio: int = 2) -> None:
+                 speaker_model: Embeds, sample_rate: int = 24000, token_mel_ratio: int = 2,
+                 resampling: str = "soxr") -> None:
+        if resampling not in RESAMPLERS:
+            raise ValueError(f"unknown resampling method {resampling!r}; choose one of {RESAMPLERS}")
         self.text_tokenizer, self.speech_tokenizer, self.speaker_model = text_tokenizer, speech_tokenizer, speaker_model
-        self.sample_rate, self.token_mel_ratio = sample_rate, token_mel_ratio
+        self.sample_rate, self.token_mel_ratio, self.resampling = sample_rate, token_mel_ratio, resampling
 
     def sentences(self, text: str, normalize: bool = True) -> list[str]:
         """Normalised sentences to synthesise one by one (official ``text_normalize(split=True)``).
@@ -162,9 +168,9 @@ class Frontend:
         """Speech tokens, mel and x-vector of a prompt recording, trimmed to a common length (2 mel
         frames per token), and the ids of its transcript if given."""
         wav, sr = read_prompt_audio(audio)
-        wav16 = resample(wav, sr, 16000)
+        wav16 = resample(wav, sr, 16000, self.resampling)
         token = torch.as_tensor(self.speech_tokenizer.tokenize(wav16, 16000)).long().reshape(1, -1)
-        feat = mel_spectrogram(resample(wav, sr, self.sample_rate)).T.unsqueeze(0)      # (1, F, 80)
+        feat = mel_spectrogram(resample(wav, sr, self.sample_rate, self.resampling)).T.unsqueeze(0)   # (1, F, 80)
         n = min(feat.shape[1] // self.token_mel_ratio, token.shape[1])
         embedding = torch.as_tensor(self.speaker_model.embed(wav16, 16000)).float().reshape(1, -1)
         text_ids: list[int] = []

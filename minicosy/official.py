@@ -212,8 +212,10 @@ def read_official_folder(folder: str | Path) -> dict:
     hift = load_official_hift(folder / "hift.pt", cfg.hift)
     onnx_or_missing = {name: (model(folder / name) if (folder / name).exists() else MissingOnnx(folder / name))
                        for name, model in (("speech_tokenizer_v2.onnx", OnnxSpeechTokenizer), ("campplus.onnx", CAMPPlusONNX))}
+    # prompts as the official front end reads them: torchaudio's resampler, tokens of the unpadded log-mel
     frontend = Frontend(TextTokenizer.from_pretrained(folder / QWEN_DIR), onnx_or_missing["speech_tokenizer_v2.onnx"],
-                        onnx_or_missing["campplus.onnx"], cfg.features.sample_rate, cfg.flow.token_mel_ratio)
+                        onnx_or_missing["campplus.onnx"], cfg.features.sample_rate, cfg.flow.token_mel_ratio,
+                        resampling="sinc")
     spk2info = load_speaker_table(folder / "spk2info.pt") if (folder / "spk2info.pt").exists() else {}
     return {"config": cfg, "frontend": frontend, "lm": lm, "flow": flow.eval(), "hift": hift, "spk2info": spk2info}
 

@@ -15,9 +15,12 @@ vocal-tract length (:func:`augment`; SpecAugment's masks optionally) so that 13 
 to new ones. Only conv + Encoder1 + FSQ are needed to tokenise; Encoder2 + head exist for training and
 for the ASR reward (§2.8).
 
-Length rule: a waveform of n samples at 16 kHz gives ``n // 160`` Whisper frames and
-``ceil(frames / 4)`` tokens; :meth:`SpeechTokenizer.tokenize` pads to a multiple of 640 samples,
-so it returns exactly ``ceil(n / 640)`` tokens — 25 per second.
+Front end and length rule (:func:`tokenizer_mel`, NOTES.md §6): a waveform of n samples at 16 kHz
+gives ``n // 160`` Whisper frames T and ``((T - 1) // 2) // 2 + 1 = ceil(T / 4)`` tokens. The
+official front end computes the log-mel of the waveform as it is; minicosy's tiny tokenizers were
+trained on waveforms zero-padded to whole tokens (640 samples), and keep that rule
+(``SpeechTokenizerConfig.pad_to_tokens``, on in the tiny preset): exactly ``ceil(n / 640)`` tokens.
+The official ONNX file (:class:`OnnxSpeechTokenizer`) follows the official rule.
 
 Usage::
 
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 from .audio import load_wav, mel_band_centres, resample, whisper_log_mel
 from .config import FeatureConfig, SpeechTokenizerConfig, get_config
 from .data import checkpoint_cache, load_manifest
-from .fsq import FSQ, VectorQuantizer
+from .fsq import FSQ, VectorQuantizer, bounded_round, digits_to_codes
 from .textnorm import english_phones, transcript  # noqa: F401  (reading units; re-exported here)
 from .train import (TrainConfig, model_from_checkpoint, onnx_session, recipe_parser, save_checkpoint, seed_everything,
                     state_file, train_loop)
@@ -49,9 +52,25 @@ HOP = 160            # Whisper hop at 16 kHz
 SAMPLES_PER_TOKEN = 4 * HOP
 
 
-def num_tokens(num_samples: int) -> int:
-    """Tokens for a 16 kHz waveform of ``num_samples`` once padded to whole tokens (25 per second)."""
-    return math.ceil(num_samples / SAMPLES_PER_TOKEN)
+def num_tokens(num_samples: int, pad_to_tokens: bool = True) -> int:
+    """Tokens for a 16 kHz waveform of ``num_samples``: padded to whole tokens, ceil(n / 640) (25 per
+    second); as the official front end does it, ceil((n // 160) / 4)."""
+    return math.ceil(num_samples / SAMPLES_PER_TOKEN) if pad_to_tokens else math.ceil(num_samples // HOP / 4)
+
+
+def pad_waveform(wav: np.ndarray) -> np.ndarray:
+    """Zero-pad a 16 kHz waveform to whole tokens (a multiple of 640 samples): the tiny recipe's rule."""
+    return np.pad(wav, (0, num_tokens(wav.size) * SAMPLES_PER_TOKEN - wav.size))
+
+
+def tokenizer_mel(wav: np.ndarray | torch.Tensor, sr: int, pad_to_tokens: bool, resampling: str = "soxr") -> torch.Tensor:
+    """The tokenizer's input (1, 128, T) for one waveform: resampled to 16 kHz (``resampling``, see
+    :func:`~minicosy.audio.resample`), zero-padded to whole tokens if ``pad_to_tokens``, Whisper log-mel.
+    Empty, silent or sub-frame audio is a ``ValueError``."""
+    wav = resample(np.asarray(wav, dtype=np.float32).reshape(-1), sr, 16000, resampling)
+    if wav.size < HOP or float(np.abs(wav).max()) < 1e-5:
+        raise ValueError(f"cannot tokenise empty, silent or too short audio ({wav.size} samples at 16 kHz)")
+    return whisper_log_mel(torch.from_numpy(pad_waveform(wav) if pad_to_tokens else wav)).unsqueeze(0)
 
 
 def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -133,12 +152,7 @@ class SpeechTokenizer(nn.Module):
 
     def encode(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder1 output H (B, T', d) before quantisation, and the padding mask (True = pad)."""
-        x = F.gelu(self.conv2(F.gelu(self.conv1(mel)))).transpose(1, 2)
-        lengths = self.token_lengths(mel_lengths)
-        pad = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]
-        for block in self.encoder1:
-            x = block(x, pad)
-        return x, pad
+        return encode_frames(self.conv1, self.conv2, self.encoder1, mel, mel_lengths)
 
     def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything §2.2 and the notebooks look at: ``pre`` (Encoder1 output), ``codes``,
@@ -158,27 +172,17 @@ class SpeechTokenizer(nn.Module):
             post = block(post, pad)
         return self.ctc_head(self.ln_post(post)).log_softmax(-1)
 
-    @staticmethod
-    def _mel(wav: np.ndarray | torch.Tensor, sr: int) -> torch.Tensor:
-        """Whisper log-mel (1, 128, frames) of one waveform, padded to whole tokens."""
-        wav = np.asarray(wav, dtype=np.float32).reshape(-1)
-        wav = resample(wav, sr, 16000)
-        if wav.size == 0 or float(np.abs(wav).max()) < 1e-5:
-            raise ValueError("cannot tokenise empty or silent audio")
-        wav = np.pad(wav, (0, num_tokens(wav.size) * SAMPLES_PER_TOKEN - wav.size))
-        return whisper_log_mel(torch.from_numpy(wav)).unsqueeze(0)
-
     @torch.no_grad()
     def tokenize(self, wav: np.ndarray | torch.Tensor, sr: int) -> torch.Tensor:
-        """Speech tokens of one waveform at exactly 25 per second (see the module's length rule)."""
-        mel = self._mel(wav, sr)
+        """Speech tokens of one waveform, 25 per second (front end and length rule: module docstring)."""
+        mel = tokenizer_mel(wav, sr, self.cfg.pad_to_tokens)
         pre, _ = self.encode(mel, torch.tensor([mel.shape[-1]]))
         return self.quantizer(self.ln_quant(pre))[1][0]
 
     @torch.no_grad()
     def read_units(self, wav: np.ndarray | torch.Tensor, sr: int) -> list[str]:
         """The reading units the ASR head hears in one waveform, through the quantised tokens."""
-        mel = self._mel(wav, sr)
+        mel = tokenizer_mel(wav, sr, self.cfg.pad_to_tokens)
         out = self(mel, torch.tensor([mel.shape[-1]]))
         return self.greedy_transcripts(out["log_probs"], out["lengths"])[0]
 
@@ -196,7 +200,23 @@ class SpeechTokenizer(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "SpeechTokenizer":
-        return model_from_checkpoint(path, lambda mc: cls(SpeechTokenizerConfig(**mc["cfg"]), mc["vocab"], mc["quantizer"]))
+        """A trained tokenizer; checkpoints written before ``pad_to_tokens`` existed were all trained
+        on padded waveforms, so that is what a config without the field means."""
+        return model_from_checkpoint(path, lambda mc: cls(SpeechTokenizerConfig(**{"pad_to_tokens": True, **mc["cfg"]}),
+                                                          mc["vocab"], mc["quantizer"]))
+
+
+def encode_frames(conv1: nn.Module, conv2: nn.Module, blocks: nn.ModuleList, mel: torch.Tensor,
+                  mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv → GELU → conv → GELU (100 → 25 Hz) → Encoder1 blocks: H (B, T', d) and the padding mask
+    (True = pad). A function of the modules so that the official-layout export can hold them under
+    the official file's names (:func:`export_onnx`)."""
+    x = F.gelu(conv2(F.gelu(conv1(mel)))).transpose(1, 2)
+    lengths = SpeechTokenizer.token_lengths(mel_lengths)
+    pad = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]
+    for block in blocks:
+        x = block(x, pad)
+    return x, pad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +230,8 @@ def unit_error_rate(references: list[list[str]], hypotheses: list[list[str]]) ->
 
 
 def load_features(corpus_root: str | Path, split: str) -> list[dict]:
-    """Manifest records of a split with their 16 kHz Whisper log-mels (cached beside the corpus)."""
+    """Manifest records of a split with their 16 kHz Whisper log-mels (cached beside the corpus), of
+    waveforms padded to whole tokens (the tiny recipe's ``pad_to_tokens`` rule)."""
     cache = Path(corpus_root) / "cache" / f"whisper_mel_{split}.pt"
     records = load_manifest(corpus_root, split)
     if cache.exists():
@@ -220,8 +241,7 @@ def load_features(corpus_root: str | Path, split: str) -> list[dict]:
     mels = {}
     for r in records:
         wav, _ = load_wav(Path(corpus_root) / r["path"], 16000)
-        wav = np.pad(wav, (0, num_tokens(wav.size) * SAMPLES_PER_TOKEN - wav.size))
-        mels[r["id"]] = whisper_log_mel(torch.from_numpy(wav)).half()
+        mels[r["id"]] = whisper_log_mel(torch.from_numpy(pad_waveform(wav))).half()
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(mels, cache)
     return [{**r, "mel": mels[r["id"]]} for r in records]
@@ -448,8 +468,18 @@ def train_main(argv: list[str] | None = None) -> None:
 # The official tokenizer ships as ONNX (speech_tokenizer_v2.onnx, NOTES.md §6): inputs
 # ``feats`` (1, 128, T) float32 and ``feats_length`` (1,) int32, output codes at 25 Hz.
 
+ONNX_LAYOUTS = ("official", "minicosy")
+# Parameters the tokenising graph holds; the rest (Encoder2, head, Proj_up) stay as they are.
+ONNX_PARAMETERS = ("conv1.", "conv2.", "encoder1.", "ln_quant.", "quantizer.proj_down.", "quantizer.codebook.")
+# Official module names -> minicosy's (the official file: conv1, conv2, blocks.N, quantizer.project_in).
+ONNX_RENAMES = (("model.", ""), ("blocks.", "encoder1."), ("quantizer.project_in.", "quantizer.proj_down."))
+# Which input of which node holds which parameter; MatMul weights are stored (in, out), transposed.
+ONNX_ROLES = {"Conv": {1: "weight", 2: "bias"}, "LayerNormalization": {1: "weight", 2: "bias"},
+              "MatMul": {1: "weight"}, "Add": {0: "bias", 1: "bias"}}
+
+
 class _TokenizerFront(nn.Module):
-    """conv + Encoder1 + FSQ index: the part of the model that the ONNX file contains."""
+    """conv + Encoder1 + FSQ index, held as ``model.*``: minicosy's layout (parameter names kept)."""
 
     def __init__(self, model: SpeechTokenizer):
         super().__init__()
@@ -460,60 +490,142 @@ class _TokenizerFront(nn.Module):
         return self.model.quantizer(self.model.ln_quant(pre))[1]
 
 
-def export_onnx(model: SpeechTokenizer, path: str | Path) -> Path:
-    """Write the tokenising part of ``model`` to ONNX with the official input/output layout.
-    Constant folding is off so that every initializer keeps its parameter's name."""
+class _OfficialFSQ(nn.Module):
+    """The official quantiser's inference graph: ``project_in`` (Proj_down), bounded round, index."""
+
+    def __init__(self, fsq: FSQ):
+        super().__init__()
+        self.project_in, self.levels = fsq.proj_down, fsq.levels
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return digits_to_codes(bounded_round(self.project_in(h), self.levels), self.levels)
+
+
+class _OfficialFront(nn.Module):
+    """The same computation under the official file's module names (conv1, conv2, blocks.N,
+    quantizer.project_in), so that the exported nodes are named as there (``/blocks.0/attn/query/MatMul``)."""
+
+    def __init__(self, model: SpeechTokenizer):
+        super().__init__()
+        if not isinstance(model.quantizer, FSQ):
+            raise ValueError("the official ONNX layout holds an FSQ quantizer; export a VQ model with layout='minicosy'")
+        self.conv1, self.conv2, self.blocks, self.ln_quant = model.conv1, model.conv2, model.encoder1, model.ln_quant
+        self.quantizer = _OfficialFSQ(model.quantizer)
+
+    def forward(self, feats: torch.Tensor, feats_length: torch.Tensor) -> torch.Tensor:
+        pre, _ = encode_frames(self.conv1, self.conv2, self.blocks, feats, feats_length.long())
+        return self.quantizer(self.ln_quant(pre))
+
+
+def export_onnx(model: SpeechTokenizer, path: str | Path, layout: str = "official") -> Path:
+    """Write the tokenising part of ``model`` to ONNX with the official inputs and output.
+
+    ``layout="official"``: as the official ``speech_tokenizer_v2.onnx`` is laid out — constant
+    folding on, nodes named after the official modules (``/conv1/Conv``,
+    ``/blocks.3/attn/query/MatMul``, ``/quantizer/project_in/MatMul``), Linear weights stored
+    transposed as anonymous ``onnx::MatMul_*`` initializers. ``layout="minicosy"``: no folding,
+    every initializer keeps its parameter's name (``model.encoder1.0.attn.query.weight``). In both,
+    the exporter shares equal tensors (e.g. untrained LayerNorms) through ``Identity`` nodes;
+    :func:`load_from_onnx` reads both layouts."""
+    if layout not in ONNX_LAYOUTS:
+        raise ValueError(f"unknown ONNX layout {layout!r}; choose one of {ONNX_LAYOUTS}")
     path = Path(path)
-    front = _TokenizerFront(model.eval())
+    model.eval()
+    front = _OfficialFront(model) if layout == "official" else _TokenizerFront(model)
     feats = torch.randn(1, model.cfg.n_mels, 200)
     torch.onnx.export(front, (feats, torch.tensor([200], dtype=torch.int32)), str(path), dynamo=False,
                       input_names=["feats", "feats_length"], output_names=["indices"], opset_version=17,
                       dynamic_axes={"feats": {0: "batch", 2: "frames"}, "feats_length": {0: "batch"},
-                                    "indices": {0: "batch", 1: "tokens"}}, do_constant_folding=False)
+                                    "indices": {0: "batch", 1: "tokens"}}, do_constant_folding=layout == "official")
     return path
 
 
 class OnnxSpeechTokenizer:
-    """An ONNX tokenizer file (the official one, or :func:`export_onnx`'s) behind :meth:`tokenize`."""
+    """An ONNX tokenizer file (the official one, or :func:`export_onnx`'s) behind :meth:`tokenize`.
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    By default it tokenises as the official front end does (``_extract_speech_token``): audio
+    resampled to 16 kHz with the official windowed-sinc resampler, the log-mel of the waveform as it
+    is (no padding). ``pad_to_tokens=True`` is the tiny recipe's rule, for minicosy's own exports."""
+
+    def __init__(self, path: str | Path, pad_to_tokens: bool = False, resampling: str = "sinc"):
+        self.path, self.pad_to_tokens, self.resampling = Path(path), pad_to_tokens, resampling
         self.session = onnx_session(path, "speech tokenizer ONNX file", threads=2)
         self.inputs = [i.name for i in self.session.get_inputs()]
+        if len(self.inputs) != 2:
+            raise ValueError(f"speech tokenizer ONNX file {path} must take feats and feats_length, takes {self.inputs}")
 
     def tokenize(self, wav: np.ndarray | torch.Tensor, sr: int) -> torch.Tensor:
-        """Same preprocessing and length rule as :meth:`SpeechTokenizer.tokenize`."""
-        wav = resample(np.asarray(wav, dtype=np.float32).reshape(-1), sr, 16000)
-        if wav.size == 0 or float(np.abs(wav).max()) < 1e-5:
-            raise ValueError("cannot tokenise empty or silent audio")
-        wav = np.pad(wav, (0, num_tokens(wav.size) * SAMPLES_PER_TOKEN - wav.size))
-        mel = whisper_log_mel(torch.from_numpy(wav)).unsqueeze(0).numpy()
+        """Speech tokens (tokens,) int64 of one waveform."""
+        mel = tokenizer_mel(wav, sr, self.pad_to_tokens, self.resampling).numpy()
         feed = {self.inputs[0]: mel, self.inputs[1]: np.array([mel.shape[-1]], dtype=np.int32)}
         return torch.from_numpy(self.session.run(None, feed)[0].reshape(-1).astype(np.int64))
 
 
-def load_from_onnx(path: str | Path, model: SpeechTokenizer, name_map: dict[str, str] | None = None) -> SpeechTokenizer:
-    """Copy an ONNX file's initializers into ``model``'s conv/Encoder1/FSQ parameters.
+def _module_path(node_name: str) -> str:
+    """The module a node belongs to, from its scope name: ``/blocks.0/mlp/mlp.0/MatMul`` →
+    ``blocks.0.mlp.0`` (a child's scope repeats its parent's name)."""
+    path: list[str] = []
+    for part in node_name.strip("/").split("/")[:-1]:
+        names = part.split(".")
+        path += names[1:] if path and names[0] == path[-1] else names
+    return ".".join(path)
 
-    Initializers are matched by name (``name_map`` renames ONNX names to minicosy's first, as the
-    official file's node naming requires); shapes must agree. Parameters the ONNX file does not
-    hold (Encoder2, the ASR head, Proj_up) are left as they are. Raises ``ValueError`` naming
-    every tokenizer parameter that is missing or has the wrong shape.
-    """
+
+def _minicosy_key(name: str) -> str:
+    for old, new in ONNX_RENAMES:
+        if name.startswith(old):
+            name = new + name[len(old):]
+    return name
+
+
+def onnx_parameters(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tokenizer parameter an ONNX file holds, under minicosy's state-dict names.
+
+    Two sources, which must agree: initializer names that are parameter names (minicosy's layout;
+    the exporter's ``Identity`` nodes name the tensors it shared), and the nodes that consume an
+    initializer (any layout): a ``Conv``/``LayerNormalization`` node's weight and bias inputs, a
+    ``MatMul``'s weight (stored transposed), an ``Add``'s bias, under the module path of the node's
+    name, official names renamed (``blocks.N`` → ``encoder1.N``, ``quantizer.project_in`` →
+    ``quantizer.proj_down``). Raises ``ValueError`` where two sources disagree."""
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(path)).graph
-    weights = {(name_map or {}).get(t.name, t.name): torch.from_numpy(numpy_helper.to_array(t).copy())
-               for t in graph.initializer}
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in arrays:
+            arrays[node.output[0]] = arrays[node.input[0]]
+    found: dict[str, list[np.ndarray]] = {}
+    for name, array in arrays.items():
+        found.setdefault(_minicosy_key(name), []).append(array)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            role = ONNX_ROLES.get(node.op_type, {}).get(k)
+            if role and name in arrays and arrays[name].size > 1:
+                array = arrays[name].T if node.op_type == "MatMul" else arrays[name]
+                found.setdefault(_minicosy_key(f"{_module_path(node.name)}.{role}"), []).append(array)
+    params = {k: v for k, v in found.items() if k.startswith(ONNX_PARAMETERS) and k.endswith((".weight", ".bias"))}
+    clashes = [k for k, v in params.items() if any(a.shape != v[0].shape or not np.array_equal(a, v[0]) for a in v)]
+    if clashes:
+        raise ValueError(f"ONNX file {path} holds different tensors for {clashes}")
+    return {k: torch.from_numpy(v[0].copy()) for k, v in params.items()}
+
+
+def load_from_onnx(path: str | Path, model: SpeechTokenizer) -> SpeechTokenizer:
+    """Copy an ONNX file's conv/Encoder1/quantiser parameters into ``model``, strictly: the official
+    file's layout or minicosy's (:func:`onnx_parameters` maps both). Parameters the file does not
+    hold (Encoder2, the ASR head, Proj_up) are left as they are. Raises ``ValueError`` naming every
+    tokenizer parameter that is missing, every one the model lacks (e.g. a seventh block) and every
+    shape conflict."""
+    weights = onnx_parameters(path)
     state = model.state_dict()
-    prefix = "model."
-    wanted = [k for k in state if k.startswith(("conv1.", "conv2.", "encoder1.", "ln_quant.", "quantizer.proj_down.",
-                                                "quantizer.codebook."))]
-    missing = [k for k in wanted if prefix + k not in weights]
-    wrong = [f"{k} {tuple(weights[prefix + k].shape)} != {tuple(state[k].shape)}"
-             for k in wanted if prefix + k in weights and weights[prefix + k].shape != state[k].shape]
-    if missing or wrong:
-        raise ValueError(f"ONNX file {path} does not fit the tokenizer: missing {missing}; shape conflicts {wrong}")
-    model.load_state_dict({k: weights[prefix + k] for k in wanted}, strict=False)
+    wanted = [k for k in state if k.startswith(ONNX_PARAMETERS)]
+    missing = [k for k in wanted if k not in weights]
+    unexpected = sorted(k for k in weights if k not in state)
+    wrong = [f"{k} {tuple(weights[k].shape)} != {tuple(state[k].shape)}"
+             for k in wanted if k in weights and weights[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"ONNX file {path} does not fit the tokenizer: missing {missing}; unexpected {unexpected}; "
+                         f"shape conflicts {wrong}")
+    model.load_state_dict({k: weights[k] for k in wanted}, strict=False)
     return model

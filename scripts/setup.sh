@@ -51,6 +51,9 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
 fi
 # constraints.txt pins the tested versions (the corpus audio and the evaluation depend on them)
 "$PY" -m pip install -q -c constraints.txt -e ".[dev,data,eval]"
+# test-only: s3tokenizer, an independent speech_tokenizer_v2 (tests/test_official_tokenizer.py), without its
+# dependencies: its torchaudio is a CUDA build that cannot load beside the CPU torch and breaks `import transformers`
+"$PY" -m pip install -q -c constraints.txt --no-deps s3tokenizer einops
 # notebooks run on this environment's Python (not a system-wide "python3" kernel)
 "$PY" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (minicosy)" >/dev/null
 echo "set-up done: $("$PY" -c 'import torch, minicosy; print("torch", torch.__version__)')"

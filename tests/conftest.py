@@ -41,3 +41,27 @@ def corpus_root() -> Path:
     if not (CORPUS / "manifest.jsonl").exists():
         pytest.skip("corpus not built: run `python -m minicosy.data build` (make test does)")
     return CORPUS
+
+
+def torchaudio_or_skip():
+    """torchaudio for reference checks (the official front end's resampler and Kaldi fbank), or a
+    skip. The torchaudio wheel on PyPI is built for CUDA torch and fails to load its compiled
+    extension beside the CPU torch; the parts compared against here are pure Python, so it is then
+    imported with that extension stubbed out (as the golden fbank fixture was made, see its README)."""
+    import importlib
+    import sys
+    import types
+
+    if importlib.util.find_spec("torchaudio") is None:
+        pytest.skip("torchaudio is not installed; its PyPI wheel (a CUDA build) breaks `import transformers` beside "
+                    "the CPU torch, so keep it out of the venv: pip install --no-deps --target DIR torchaudio==2.11.1 "
+                    "and run this file with PYTHONPATH=DIR")
+    try:
+        import torchaudio
+    except OSError:
+        stub = types.ModuleType("torchaudio._extension")
+        stub._IS_TORCHAUDIO_EXT_AVAILABLE = stub._IS_ALIGN_AVAILABLE = False
+        stub.fail_if_no_align = lambda fn: fn
+        sys.modules["torchaudio._extension"] = stub
+        import torchaudio
+    return torchaudio

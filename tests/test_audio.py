@@ -4,8 +4,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from minicosy.audio import (kaldi_fbank, load_wav, mel_spectrogram, normalize_peak, resample, trim_silence,
-                            whisper_log_mel)
+from minicosy.audio import (kaldi_fbank, load_wav, mel_spectrogram, normalize_peak, resample, resample_sinc,
+                            trim_silence, whisper_log_mel)
+
+from .conftest import SHARED_DATA, need, torchaudio_or_skip
 
 
 def test_flow_mel_matches_official(frontend_fixtures):
@@ -30,8 +32,9 @@ def test_kaldi_fbank_matches_official(frontend_fixtures, mean_norm, key):
     assert ours.shape == ref.shape == (98, 80)             # snip-edges: 1 + (16000 - 400) // 160
     err = (ours - ref).abs().max().item()
     print(f"kaldi fbank ({key}) max abs error {err:.2e}")
-    # float32 rounding in the log of near-silent bins, as in the official (torchaudio) code
-    assert err < 2e-4
+    # bit-exact here (mel banks built in float32 as torchaudio builds them; in float64 they were
+    # 1.3e-4 away); two float32 ulps of room for another CPU's FFT
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=2.4e-7)
     if mean_norm:
         assert ours.mean(dim=0).abs().max() < 1e-5
 
@@ -96,3 +99,42 @@ def test_trim_silence_cuts_leading_and_trailing_silence():
     wav = np.concatenate([np.zeros(sr), tone, np.zeros(sr)]).astype(np.float32)
     trimmed = trim_silence(wav, sr)
     assert 1.0 <= len(trimmed) / sr < 1.2
+
+
+def _recordings() -> list[tuple[np.ndarray, int]]:
+    """Real speech at 22.05 kHz (LJSpeech), 24 kHz (a prompt), 16 kHz (LibriSpeech), 8 kHz (FSDD)."""
+    data = need(SHARED_DATA, "shared recordings")
+    return [load_wav(data / rel) for rel in ("ljspeech_lj001/LJ001-0003.flac", "prompts/en_f5tts_basic_ref_en.flac",
+                                             "librispeech_test-other/1688/1688-142285-0000.flac", "fsdd/3_theo_7.flac")]
+
+
+def test_sinc_resampler_is_torchaudios():
+    """The official front end's resampler (torchaudio.transforms.Resample, default parameters),
+    bit for bit, at every rate pair a prompt may come in."""
+    transforms = torchaudio_or_skip().transforms
+    for wav, sr in _recordings():
+        for target in {16000, 24000} - {sr}:
+            ours = resample_sinc(wav, sr, target)
+            ref = transforms.Resample(sr, target)(torch.from_numpy(wav)[None])[0].numpy()
+            assert ours.shape == ref.shape == (-(-len(wav) * target // sr),), (sr, target)
+            assert np.array_equal(ours, ref), (sr, target, np.abs(ours - ref).max())
+            assert np.array_equal(resample(wav, sr, target, "sinc"), ours)
+
+
+def test_sinc_resampler_keeps_a_tone_and_refuses_unknown_methods():
+    t = np.arange(22050) / 22050
+    y = resample_sinc(np.sin(2 * np.pi * 1000 * t).astype(np.float32), 22050, 16000)
+    assert len(y) == 16000
+    spectrum = np.abs(np.fft.rfft(y[2000:14000] * np.hanning(12000)))
+    assert abs(np.argmax(spectrum) * 16000 / 12000 - 1000) < 2
+    assert abs(np.abs(y[2000:14000]).max() - 1.0) < 0.01
+    with pytest.raises(ValueError, match="resampling method"):
+        resample(y, 16000, 24000, "linear")
+
+
+def test_kaldi_fbank_is_torchaudios_on_real_speech():
+    kaldi = torchaudio_or_skip().compliance.kaldi
+    for wav, sr in _recordings():
+        wav16 = resample(wav, sr, 16000)[:16000 * 4]
+        ref = kaldi.fbank(torch.from_numpy(wav16)[None], num_mel_bins=80, dither=0, sample_frequency=16000)
+        torch.testing.assert_close(kaldi_fbank(wav16, mean_norm=False), ref, atol=1e-6, rtol=2.4e-7)

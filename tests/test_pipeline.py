@@ -10,6 +10,7 @@ import torch
 
 from minicosy.audio import mel_spectrogram
 from minicosy.data import load_manifest
+from minicosy.frontend import Frontend
 from minicosy.hift import VocoderStream
 from minicosy.official import read_yaml, write_official_folder
 from minicosy.pipeline import TINY_DIR, CosyVoice2, eq11_latency
@@ -210,7 +211,11 @@ def test_official_folder_round_trip(tts, prompt, tmp_path):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
     assert back.flow.cfg == tts.flow.cfg and back.hift.cfg == tts.hift.cfg
     wav, text = prompt
-    p_torch, p_onnx = tts.frontend.prompt(wav, text), back.frontend.prompt(wav, text)
+    # the folder reads prompts as the official front end does (torchaudio's resampler, unpadded log-mel)
+    assert back.frontend.resampling == "sinc" and not back.frontend.speech_tokenizer.pad_to_tokens
+    same_resampler = Frontend(tts.frontend.text_tokenizer, tts.frontend.speech_tokenizer, tts.frontend.speaker_model,
+                              resampling="sinc")
+    p_torch, p_onnx = same_resampler.prompt(wav, text), back.frontend.prompt(wav, text)
     assert (p_torch.speech_token == p_onnx.speech_token).float().mean() > 0.95
     assert torch.allclose(p_torch.embedding, p_onnx.embedding, atol=1e-4)
     assert p_torch.text_ids == p_onnx.text_ids

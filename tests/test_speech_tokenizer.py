@@ -1,11 +1,16 @@
 """The supervised speech tokenizer (§2.2): 25 Hz tokens, features for analysis, ONNX paths."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+from minicosy.audio import whisper_log_mel
 from minicosy.config import get_config
 from minicosy.speech_tokenizer import (OnnxSpeechTokenizer, SpeechTokenizer, export_onnx, load_from_onnx,
-                                       num_tokens)
+                                       num_tokens, tokenizer_mel)
+
+from .conftest import ROOT
 
 VOCAB = list("abcdefghijklmnopqrstuvwxyz' ")
 
@@ -83,19 +88,89 @@ def test_bad_audio_is_refused():
         SpeechTokenizer(get_config("tiny").speech_tokenizer, VOCAB, "rvq")
 
 
-def test_onnx_run_and_conversion_give_identical_codes(tmp_path):
-    model = _model(2)
-    path = export_onnx(model, tmp_path / "speech_tokenizer.onnx")
-    onnx_tok = OnnxSpeechTokenizer(path)
-    assert onnx_tok.inputs == ["feats", "feats_length"]
+def test_official_front_end_does_not_pad():
+    """The official front end tokenises the log-mel of the waveform as it is: n samples give n // 160
+    frames and ceil(frames / 4) tokens; the tiny recipe pads to whole tokens (ceil(n / 640))."""
+    model = _model(0)
+    official = SpeechTokenizer(replace(model.cfg, pad_to_tokens=False), VOCAB).eval()
+    official.load_state_dict(model.state_dict())
+    for n in (16000, 16000 + 160, 16000 + 2 * 160 + 7, 16000 + 3 * 160 + 159):   # frames mod 4 = 0..3
+        wav = _speech(n / 16000)[:n]
+        codes = official.tokenize(wav, 16000)
+        assert len(codes) == num_tokens(n, pad_to_tokens=False) == -(-(n // 160) // 4)
+        mel = whisper_log_mel(wav)[None]
+        assert torch.equal(codes, official.quantizer(official.ln_quant(official.encode(mel, torch.tensor([mel.shape[-1]]))[0]))[1][0])
+        assert len(model.tokenize(wav, 16000)) == num_tokens(n) == -(-n // 640)
+    assert torch.equal(tokenizer_mel(wav, 16000, False), mel)
+    assert tokenizer_mel(wav, 16000, True).shape[-1] == -(-n // 640) * 4
+
+
+def test_checkpoints_from_before_the_option_were_trained_padded():
+    path = ROOT / "data" / "checkpoints" / "speech_tokenizer_fsq.pt"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    assert SpeechTokenizer.from_checkpoint(path).cfg.pad_to_tokens
+    assert get_config("tiny").speech_tokenizer.pad_to_tokens and not get_config("cosyvoice2_0p5b").speech_tokenizer.pad_to_tokens
+
+
+@pytest.mark.parametrize("layout", ["official", "minicosy"])
+@pytest.mark.parametrize("trained", [True, False])
+def test_onnx_run_and_conversion_give_identical_codes(tmp_path, layout, trained):
+    """Both layouts round-trip, also for a default-initialised model whose LayerNorms are all alike
+    (the exporter then shares one initializer among them through Identity nodes)."""
+    if trained:
+        model = _model(2)
+    else:
+        torch.manual_seed(2)
+        model = SpeechTokenizer(get_config("tiny").speech_tokenizer, VOCAB).eval()
+    path = export_onnx(model, tmp_path / "speech_tokenizer.onnx", layout=layout)
+    own_rule = OnnxSpeechTokenizer(path, pad_to_tokens=True, resampling="soxr")
+    assert own_rule.inputs == ["feats", "feats_length"]
     converted = load_from_onnx(path, _model(3))                 # other weights before conversion
+    state = converted.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()
+               if k.startswith(("conv", "encoder1.", "ln_quant.", "quantizer.proj_down.")))
     for seconds in (1.3, 4.0):
         wav = _speech(seconds)
         ref = model.tokenize(wav, 16000)
-        assert torch.equal(onnx_tok.tokenize(wav, 16000), ref)
+        assert torch.equal(own_rule.tokenize(wav, 16000), ref)
         assert torch.equal(converted.tokenize(wav, 16000), ref)
-    with pytest.raises(ValueError, match="missing"):
-        load_from_onnx(path, SpeechTokenizer(get_config("tiny").speech_tokenizer, VOCAB, "vq"))
+        mel = whisper_log_mel(wav)[None]                         # the official rule: no padding
+        official = model.quantizer(model.ln_quant(model.encode(mel, torch.tensor([mel.shape[-1]]))[0]))[1][0]
+        assert torch.equal(OnnxSpeechTokenizer(path).tokenize(wav, 16000), official)
+
+
+def test_official_layout_names_nodes_as_the_official_file(tmp_path):
+    import onnx
+
+    model = _model(4)
+    graph = onnx.load(str(export_onnx(model, tmp_path / "t.onnx"))).graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    for name in ("/conv1/Conv", "/blocks.1/attn_ln/LayerNormalization", "/blocks.0/attn/key/MatMul",
+                 "/blocks.1/attn/fsmn_block/Conv", "/blocks.0/mlp/mlp.2/Add", "/quantizer/project_in/MatMul"):
+        assert name in nodes, name
+    weight = nodes["/blocks.0/mlp/mlp.0/MatMul"].input[1]
+    assert weight.startswith("onnx::MatMul_")                  # anonymous, stored (in, out)
+    stored = torch.from_numpy(onnx.numpy_helper.to_array(inits[weight]).copy())
+    assert torch.equal(stored, model.encoder1[0].mlp[0].weight.detach().T)
+    with pytest.raises(ValueError, match="layout"):
+        export_onnx(model, tmp_path / "t.onnx", layout="theirs")
+    with pytest.raises(ValueError, match="FSQ"):
+        export_onnx(_model(0, "vq"), tmp_path / "vq.onnx")
+
+
+def test_load_from_onnx_names_what_it_cannot_map(tmp_path):
+    path = export_onnx(_model(2), tmp_path / "speech_tokenizer.onnx")
+    tiny = get_config("tiny").speech_tokenizer
+    with pytest.raises(ValueError, match=r"missing \['quantizer.codebook.weight'\]"):
+        load_from_onnx(path, SpeechTokenizer(tiny, VOCAB, "vq"))
+    with pytest.raises(ValueError, match=r"unexpected \['encoder1\.1\.attn\.fsmn_block\.weight"):
+        load_from_onnx(path, SpeechTokenizer(replace(tiny, encoder1_layers=1), VOCAB))
+    with pytest.raises(ValueError, match=r"unexpected \['ln_quant.bias', 'ln_quant.weight'\]"):
+        load_from_onnx(path, SpeechTokenizer(replace(tiny, quant_layernorm=False), VOCAB))
+    with pytest.raises(ValueError, match=r"shape conflicts \['encoder1\.0\.attn\.fsmn_block\.weight \(128, 1, 11\)"):
+        load_from_onnx(path, SpeechTokenizer(replace(tiny, fsmn_kernel=7), VOCAB))
     with pytest.raises(FileNotFoundError):
         OnnxSpeechTokenizer(tmp_path / "absent.onnx")
 
