@@ -59,7 +59,7 @@ def plot_pipeline(cfg: MiniCosyConfig) -> plt.Figure:
             color="#1d4ed8", fontweight="bold")
     # the prompt side (zero-shot / in-context learning)
     _box(ax, 0.1, 1.35, 1.9, h, "prompt audio", "and its transcript\n(zero-shot, §2.3 ICL)", "io")
-    side = [(2.75, f"speech tokenizer §2.2", f"Whisper {f.whisper_n_mels}-mel @ {f.tokenizer_sample_rate // 1000} kHz"
+    side = [(2.75, "speech tokenizer §2.2", f"Whisper {f.whisper_n_mels}-mel @ {f.tokenizer_sample_rate // 1000} kHz"
              f" → FSQ\nD={st.fsq_dim}, K={st.fsq_levels}: {st.codebook_size} codes", (7.6, y), "prompt tokens"),
             (1.45, "mel extractor", f"{f.n_mels} bins @ {f.sample_rate // 1000} kHz, hop {f.hop_length}\n"
              f"{cfg.mel_rate} frames/s", (11.6, y), "prompt mel X̃"),

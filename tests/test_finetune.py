@@ -12,7 +12,6 @@ from minicosy.lm import TextSpeechLM
 from minicosy.speech_tokenizer import SpeechTokenizer
 from minicosy.train import TrainConfig
 
-from .conftest import CORPUS
 
 TINY = LMConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
