@@ -575,6 +575,21 @@ def evaluate_masks(flow: CausalMaskedDiffWithXvec, items: list[dict], **kwargs) 
     return {name: round(heldout_mel_l1(flow, items, kind, **kwargs), 4) for kind, name in enumerate(MASK_NAMES)}
 
 
+def warm_start(flow: CausalMaskedDiffWithXvec, checkpoint: str | Path) -> bool:
+    """Load a flow checkpoint's weights into ``flow`` (``train flow --init``). A flow of another
+    codebook (trained on a retrained tokenizer's tokens) warm-starts all but the token embedding,
+    which keeps ``flow``'s own initialisation; returns whether that happened. Any other mismatch
+    is a ``ValueError`` naming it."""
+    state, own = load_checkpoint(checkpoint)["state_dict"], flow.state_dict()
+    key = "input_embedding.weight"
+    fresh = key in state and state[key].shape != own[key].shape and state[key].shape[1:] == own[key].shape[1:]
+    load_state_dict_checked(flow, {**state, key: own[key]} if fresh else state, f"flow checkpoint {checkpoint} (--init)")
+    if fresh:
+        print(f"--init {checkpoint}: another codebook ({state[key].shape[0]} codes, now {own[key].shape[0]}): "
+              "the token embedding starts afresh")
+    return fresh
+
+
 def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", recipe: str = "paper",
                minutes: float = 8.0, out: str | Path | None = None,
                tokenizer: str | Path = "data/checkpoints/speech_tokenizer_fsq.pt",
@@ -584,7 +599,7 @@ def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", re
                ) -> tuple[CausalMaskedDiffWithXvec, dict]:
     """Train the flow on the corpus' train split with ``recipe`` ("paper" or "official", see the
     module docstring), from scratch or from the weights of the flow checkpoint ``init`` (same
-    sizes); report the mel L1 per mask on dev + test sentences and on the held-out voices; save."""
+    sizes; with another codebook, all but the token embedding); report the mel L1 per mask on dev + test sentences and on the held-out voices; save."""
     seed_everything(seed)
     from .speech_tokenizer import SpeechTokenizer   # the speech vocabulary is the tokenizer's codebook
 
@@ -594,7 +609,7 @@ def train_flow(corpus_root: str | Path = "data/corpus", preset: str = "tiny", re
             for name, splits in (("train", ("train",)), ("dev_test", ("dev", "test")), ("heldout", ("heldout",)))}
     flow = CausalMaskedDiffWithXvec(cfg)
     if init is not None:
-        load_state_dict_checked(flow, load_checkpoint(init)["state_dict"], f"flow checkpoint {init} (--init)")
+        warm_start(flow, init)
     tcfg = TrainConfig(lr=1e-3, warmup_steps=100, max_minutes=minutes, seed=seed, threads=threads,
                        batch_seconds=batch_size * max_tokens / 25, device=device, state_path=state_path)
     g = torch.Generator().manual_seed(seed)

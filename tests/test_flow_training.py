@@ -10,7 +10,7 @@ import torch
 from minicosy.config import get_config
 from minicosy import flow as flow_module
 from minicosy.flow import (CausalMaskedDiffWithXvec, FlowStreamer, collate, cosine_t_span, evaluate_masks, flow_mels,
-                           gta_mels, heldout_mel_l1, prompt_state, random_batches, stream_inference)
+                           gta_mels, heldout_mel_l1, prompt_state, random_batches, stream_inference, warm_start)
 from minicosy.masks import FULL_CAUSAL, MASK_NAMES, NON_CAUSAL
 from minicosy.train import TrainConfig, TrainLog, save_checkpoint, train_loop
 
@@ -183,3 +183,21 @@ def test_gta_mels_are_zero_shot_mels_aligned_with_each_recording(small, tmp_path
     torch.testing.assert_close(mels["u0"].float(), expected[0], atol=1e-2, rtol=1e-2)
     monkeypatch.setattr(flow_module, "load_flow_data", None)   # served from the cache now
     assert torch.equal(gta_mels(tmp_path, ckpt, "tokenizer.pt", "campplus.pt")["u0"], mels["u0"])
+
+
+def test_warm_start_across_codebooks_keeps_all_but_the_token_embedding(small, tmp_path):
+    """``train flow --init`` from a flow of another codebook: every weight but the token embedding
+    comes from the checkpoint; the embedding keeps its fresh initialisation; other mismatches fail."""
+    path = save_checkpoint(tmp_path / "flow.pt", small, asdict(small.cfg), TrainConfig(), TrainLog())
+    torch.manual_seed(1)
+    other = CausalMaskedDiffWithXvec(replace(small.cfg, vocab_size=729))
+    before = other.input_embedding.weight.detach().clone()
+    assert warm_start(other, path)
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    for k, v in other.state_dict().items():
+        if k != "input_embedding.weight":
+            assert torch.equal(v, saved[k].to(v.dtype)), k
+    assert torch.equal(other.input_embedding.weight, before)
+    assert not warm_start(CausalMaskedDiffWithXvec(small.cfg), path)       # same codebook: a plain load
+    with pytest.raises(ValueError, match="shape conflicts"):
+        warm_start(CausalMaskedDiffWithXvec(replace(small.cfg, vocab_size=729, input_size=64)), path)
