@@ -5,7 +5,7 @@ function render({ model, el }) {
   el.classList.add("minicosy-player");
   el.innerHTML = `
     <div class="mc-status" role="status"></div>
-    <div class="mc-live"><span class="mc-live-text"></span> <button class="mc-stop jupyter-button" hidden>stop</button></div>
+    <div class="mc-live"><span class="mc-live-text"></span> <button class="mc-stop jupyter-button" style="display: none">stop</button></div>
     <div class="mc-whole"></div>`;
   const status = el.querySelector(".mc-status");
   const liveText = el.querySelector(".mc-live-text");
@@ -18,7 +18,7 @@ function render({ model, el }) {
     status.className = "mc-status" + (error ? " mc-error" : model.get("busy") ? " mc-busy" : "");
     if (error) { status.textContent = "⚠ " + error; return; }
     const elapsed = model.get("busy") ? ` · ${((performance.now() - started) / 1000).toFixed(1)} s elapsed` : "";
-    status.textContent = (model.get("busy") ? "⏳ " : "") + model.get("progress") + elapsed;
+    status.textContent = model.get("progress") + elapsed;
   }
   function onBusy() {
     clearInterval(timer);
@@ -28,10 +28,11 @@ function render({ model, el }) {
   function silence() {
     sources.forEach((s) => { try { s.stop(); } catch (e) { /* not started */ } });
     sources = [];
-    stop.hidden = true;
+    stop.style.display = "none";
   }
   function reset() {
     silence();
+    el.dataset.requests = String(Number(el.dataset.requests || 0) + 1);
     schedule = []; underruns = 0; nextStart = 0;
     el.dataset.schedule = "[]";
     liveText.textContent = "";
@@ -48,12 +49,15 @@ function render({ model, el }) {
     if (schedule.length && nextStart < now) underruns += 1;     // the chunk came after the last one ended
     const start = Math.max(nextStart, now + 0.05);              // back to back; 50 ms of slack to start
     source.start(start);
-    source.onended = () => { sources = sources.filter((s) => s !== source); stop.hidden = !sources.length; };
+    source.onended = () => {
+      sources = sources.filter((s) => s !== source);
+      if (!sources.length) stop.style.display = "none";
+    };
     sources.push(source);
     nextStart = start + buffer.duration;
     schedule.push({ arrival: now, start: start, duration: buffer.duration });
     el.dataset.schedule = JSON.stringify(schedule);
-    stop.hidden = false;
+    stop.style.display = "";
     const total = schedule.reduce((s, c) => s + c.duration, 0);
     liveText.textContent = `▶ playing as it arrives: ${schedule.length} chunk${schedule.length > 1 ? "s" : ""}, ` +
       `${total.toFixed(2)} s` + (underruns ? ` (${underruns} pause${underruns > 1 ? "s" : ""}: synthesis ` +

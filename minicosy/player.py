@@ -18,12 +18,13 @@ import numpy as np
 import traitlets
 
 
-def wav_bytes(wav: np.ndarray, rate: int) -> bytes:
-    """A mono waveform in [-1, 1] as the bytes of a 16-bit WAV file."""
+def audio_bytes(wav: np.ndarray, rate: int, format: str = "WAV") -> bytes:
+    """A mono waveform in [-1, 1] as the bytes of a 16-bit WAV file (or an MP3, a tenth of the size)."""
     import soundfile as sf
 
     buf = io.BytesIO()
-    sf.write(buf, np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), rate, format="WAV", subtype="PCM_16")
+    sf.write(buf, np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), rate, format=format,
+             subtype="PCM_16" if format == "WAV" else None)
     return buf.getvalue()
 
 
@@ -34,7 +35,10 @@ class StreamPlayer(anywidget.AnyWidget):
     _esm = Path(__file__).with_name("player.js")
     _css = """
     .minicosy-player .mc-status { margin: 4px 0; min-height: 1.4em; }
-    .minicosy-player .mc-busy { color: var(--jp-ui-font-color1); }
+    .minicosy-player .mc-busy::before { content: ""; display: inline-block; width: 0.8em; height: 0.8em;
+        margin-right: 0.4em; border: 2px solid currentColor; border-right-color: transparent; border-radius: 50%;
+        vertical-align: -0.1em; animation: minicosy-spin 1s linear infinite; }
+    @keyframes minicosy-spin { to { transform: rotate(360deg); } }
     .minicosy-player .mc-error { color: var(--jp-error-color1, #d32f2f); background: var(--jp-error-color3, #fde7e9);
                                  border-left: 3px solid var(--jp-error-color1, #d32f2f); padding: 2px 6px; }
     .minicosy-player .mc-whole audio { vertical-align: middle; height: 32px; }
@@ -48,8 +52,8 @@ class StreamPlayer(anywidget.AnyWidget):
     def start(self, progress: str = "starting") -> None:
         """Forget the previous result (stopping its playback) and show the busy state."""
         self.send({"type": "reset"})
-        self.set_trait("wav", b"")
-        self.error, self.progress, self.busy = "", progress, True
+        with self.hold_sync():             # one message: the page never shows half a state
+            self.wav, self.error, self.progress, self.busy = b"", "", progress, True
 
     def play(self, chunk: np.ndarray, rate: int) -> None:
         """Queue a chunk (mono float samples) right after the previous one."""
@@ -57,8 +61,10 @@ class StreamPlayer(anywidget.AnyWidget):
 
     def finish(self, wav: np.ndarray, rate: int, summary: str) -> None:
         """The whole utterance, to replay and download, and a summary line."""
-        self.wav, self.progress, self.busy = wav_bytes(wav, rate), summary, False
+        with self.hold_sync():
+            self.wav, self.progress, self.busy = audio_bytes(wav, rate), summary, False
 
     def fail(self, message: str) -> None:
         """End the request with a one-line error."""
-        self.progress, self.error, self.busy = "", message.splitlines()[0] if message else "failed", False
+        with self.hold_sync():
+            self.progress, self.error, self.busy = "", message.splitlines()[0] if message else "failed", False

@@ -5,7 +5,8 @@ controls it uses); streaming played as one continuous sound as chunks arrive, th
 replay and download, and a latency chart on the request's clock.
 
 The callbacks are plain functions (:func:`prompt_choices`, :func:`read_upload`, :func:`synthesize`,
-:func:`latency_segments`, :func:`latency_figure`, :func:`shown_controls`, :func:`in_ui_words`) so that
+:func:`latency_segments`, :func:`latency_figure`, :func:`describe_latency`, :func:`shown_controls`,
+:func:`in_ui_words`) so that
 tests can call them without a browser; :class:`SynthesisApp` wires them to widgets, and
 ``tests/test_browser.py`` uses it in JupyterLab.
 
@@ -33,7 +34,7 @@ import numpy as np
 from .audio import load_wav
 from .data import load_manifest
 from .pipeline import SPEED_RANGE, join_speech
-from .player import StreamPlayer, wav_bytes
+from .player import StreamPlayer, audio_bytes
 
 MODES = ("zero-shot", "cross-lingual", "instruct", "SFT")
 MODE_HELP = {
@@ -199,6 +200,14 @@ def latency_figure(outputs: list[dict]) -> plt.Figure:
     return fig
 
 
+def describe_latency(outputs: list[dict]) -> str:
+    """The latency chart in one line of text (shown under it): chunks, sentences, when each was ready."""
+    ends = ", ".join(f"{o['timings']['end_s']:.2f}" for o in outputs)
+    sentences = len({o.get("sentence", 0) for o in outputs})
+    return (f"latency chart: {len(outputs)} chunks in {sentences} sentence(s), ready at {ends} s since the request; "
+            f"first package after {outputs[0]['totals']['first_package_s']:.2f} s")
+
+
 def figure_png(fig: plt.Figure) -> bytes:
     """A figure as PNG bytes, cropped to its contents (legend included), and closed."""
     buf = io.BytesIO()
@@ -219,38 +228,47 @@ class SynthesisApp(w.VBox):
         self.last_error: str | None = None
         self._job: threading.Thread | None = None
         label = {"description_width": "9em"}
-        full = w.Layout(width="95%")
         self.text = w.Textarea(value="The weather is nice today, so we walk to the park.", description="text",
-                               rows=3, style=label, layout=full)
+                               rows=3, style=label, layout=w.Layout(width="95%"))
         self.mode = w.ToggleButtons(options=list(MODES), value="zero-shot", description="mode", style=label)
         self.mode_help = w.HTML()
         self.voice = w.Dropdown(options=[*self.choices, UPLOADED], description="prompt voice", style=label,
                                 layout=w.Layout(width="34em"))
-        self.upload = w.FileUpload(accept="audio/*", multiple=False, description="upload a prompt")
+        self.upload = w.FileUpload(accept="audio/*", multiple=False, description="upload a prompt",
+                                   layout=w.Layout(width="auto"))
         self.upload_info = w.HTML()
-        self.preview = w.Audio(format="wav", autoplay=False, controls=True, layout=w.Layout(height="32px"))
-        self.transcript = w.Textarea(description="prompt transcript", rows=2, style=label, layout=full,
+        self.preview = w.Audio(format="mp3", autoplay=False, controls=True, layout=w.Layout(height="32px"))
+        self.transcript = w.Textarea(description="prompt transcript", rows=2, style=label, layout=w.Layout(width="95%"),
                                      placeholder="what the prompt recording says (zero-shot needs it)")
         self.spk_name = w.Text(description="register it as", placeholder="a speaker name", style=label)
-        self.register = w.Button(description="Register speaker", tooltip="keep this prompt as an SFT speaker")
+        self.register = w.Button(description="Register speaker", tooltip="keep this prompt as an SFT speaker",
+                                 layout=w.Layout(width="auto"))
         self.register_info = w.HTML()
-        self.instruction = w.Text(value="Please speak very fast.", description="instruction", style=label, layout=full)
+        self.instruction = w.Text(value="Please speak very fast.", description="instruction", style=label,
+                                  layout=w.Layout(width="95%"))
         self.speaker = w.Dropdown(options=tts.list_available_spks(), description="speaker", style=label)
         self.stream = w.Checkbox(value=True, description="streaming: play while synthesising", indent=False)
         self.incremental = w.Checkbox(value=False, description="incremental flow (cache past chunks)", indent=False)
         self.speed = w.FloatSlider(value=1.0, min=SPEED_RANGE[0], max=SPEED_RANGE[1], step=0.1,
                                    description="speed (offline)", style=label)
         self.seed = w.IntText(value=0, description="random seed", style=label, layout=w.Layout(width="16em"))
-        self.dice = w.Button(description="🎲", tooltip="a new random seed", layout=w.Layout(width="3em"))
+        self.dice = w.Button(description="new seed", icon="random", tooltip="draw a random seed",
+                             layout=w.Layout(width="auto"))
         self.go = w.Button(description="Synthesise", button_style="primary", icon="play")
         self.player = StreamPlayer()
         self.chart = w.Image(format="png", layout=w.Layout(display="none", max_width="100%"))
+        self.chart_text = w.HTML()
         self.rows = {"prompt": w.VBox([w.HBox([self.voice, self.upload, self.upload_info]), self.preview]),
-                     "transcript": self.transcript, "register": w.HBox([self.spk_name, self.register, self.register_info]),
+                     "transcript": self.transcript,
+                     "register": w.HBox([self.spk_name, self.register, self.register_info]),
                      "instruction": self.instruction, "speaker": self.speaker, "speed": self.speed,
                      "incremental": self.incremental}
         super().__init__([w.HTML(TINY_NOTE), self.text, self.mode, self.mode_help, *self.rows.values(),
-                          w.HBox([self.stream, self.seed, self.dice]), self.go, self.player, self.chart])
+                          w.HBox([self.stream, self.seed, self.dice]), self.go, self.player, self.chart,
+                          self.chart_text])
+        self.add_class("minicosy-app")
+        for name in ("text", "mode", "voice", "upload", "upload_info", "stream", "go", "chart", "chart_text"):
+            getattr(self, name).add_class(f"mc-{name.replace('_', '-')}")      # hooks for tests/test_browser.py
         self.voice.observe(lambda _: self._prompt_changed(), "value")
         self.upload.observe(lambda _: self._uploaded(), "value")
         self.mode.observe(lambda _: self._show(), "value")
@@ -294,7 +312,7 @@ class SynthesisApp(w.VBox):
         self._set_preview(*load_wav(choice["path"]))
 
     def _set_preview(self, wav: np.ndarray, rate: int) -> None:
-        self.preview.value = wav_bytes(wav, rate)
+        self.preview.value = audio_bytes(wav, rate, "MP3")      # small: a saved notebook keeps it
         self.preview.layout.display = None
 
     def _uploaded(self) -> None:
@@ -343,7 +361,7 @@ class SynthesisApp(w.VBox):
         if self.busy:
             return
         self.go.disabled, self.go.description = True, "Synthesising…"
-        self.chart.layout.display = "none"
+        self.chart.layout.display, self.chart_text.value = "none", ""
         self.last_outputs, self.last_error = [], None
         self.player.start()
         args = {"text": self.text.value, "mode": self.mode.value, "instruct": self.instruction.value,
@@ -370,9 +388,11 @@ class SynthesisApp(w.VBox):
             tot = outputs[-1]["totals"]
             self.chart.value = figure_png(latency_figure(outputs))
             self.chart.layout.display = None
+            self.chart_text.value = f"<details><summary>the chart as text</summary>{describe_latency(outputs)}</details>"
             self.last_outputs = outputs
             self.player.finish(whole, rate, f"✓ {tot['audio_s']:.2f} s of audio in {tot['elapsed_s']:.1f} s "
-                                            f"({tot['chunks']} chunk(s), first sound after {tot['first_package_s']:.2f} s)")
+                                            f"({tot['chunks']} chunk(s), "
+                                            f"first sound after {tot['first_package_s']:.2f} s)")
         except (ValueError, FileNotFoundError) as exc:
             self.last_error = in_ui_words(str(exc))
             self.player.fail(self.last_error)

@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 
 from minicosy.pipeline import CosyVoice2
-from minicosy.widgets import (MODES, UPLOADED, app, in_ui_words, latency_figure, latency_segments, prompt_choices,
-                              read_upload, shown_controls, synthesize)
+from minicosy.widgets import (MODES, UPLOADED, app, describe_latency, in_ui_words, latency_figure, latency_segments,
+                              prompt_choices, read_upload, shown_controls, synthesize)
 
 from .conftest import SHARED_DATA
 
@@ -82,6 +82,8 @@ def test_latency_chart_is_on_the_requests_clock_with_unattributed_time_shown():
     bars = [p for p in ax.patches if p.get_width() > 0]
     assert max(p.get_x() + p.get_width() for p in bars) == pytest.approx(4.0)
     assert any("sentence 2" in t.get_text() for t in ax.texts)
+    assert describe_latency(outs) == ("latency chart: 4 chunks in 2 sentence(s), ready at 1.00, 2.00, 3.50, 4.00 s "
+                                      "since the request; first package after 1.00 s")
     fig.canvas.draw()                          # the legend is below the axes, hiding no bar
     legend = fig.legends[0].get_window_extent()
     assert legend.y1 <= min(a.get_tightbbox().y0 for a in fig.axes) + 1
@@ -127,6 +129,7 @@ def test_app_runs_requests_in_the_background_and_reports_in_its_words(tts, corpu
     assert not ui.busy and not ui.go.disabled and not ui.player.busy
     assert ui.last_error is None and ui.last_outputs[-1]["totals"]["audio_s"] > 0
     assert ui.player.wav[:4] == b"RIFF" and ui.chart.value[:4] == b"\x89PNG" and ui.player.progress.startswith("✓")
+    assert describe_latency(ui.last_outputs) in ui.chart_text.value
     ui.text.value = ""
     _run(ui)
     assert ui.last_error == "text is empty: nothing to synthesise" == ui.player.error and ui.player.wav == b""
@@ -153,7 +156,10 @@ def test_app_registers_a_speaker_that_sft_then_lists(tts, corpus_root):
     assert "new-voice" not in ui.speaker.options
     ui.register.click()
     assert "registered" in ui.register_info.value
-    ui.mode.value = "SFT"
+    for mode in MODES:                         # only the controls of the mode show; the text always does
+        ui.mode.value = mode
+        shown = {name for name, row in ui.rows.items() if row.layout.display != "none"}
+        assert shown == shown_controls(mode, ui.stream.value) and ui.text.layout.display != "none"
     assert "new-voice" in ui.speaker.options and ui.rows["prompt"].layout.display == "none"
     ui.mode.value, ui.spk_name.value = "zero-shot", ""
     ui.register.click()
