@@ -238,7 +238,8 @@ class SynthesisApp(w.VBox):
                                    layout=w.Layout(width="auto"))
         self.upload_info = w.HTML()
         self.preview = w.Audio(format="mp3", autoplay=False, controls=True, layout=w.Layout(height="32px"))
-        self.transcript = w.Textarea(description="prompt transcript", rows=2, style=label, layout=w.Layout(width="95%"),
+        self.transcript = w.Textarea(description="prompt transcript", rows=2, style=label,
+                                     layout=w.Layout(width="95%"),
                                      placeholder="what the prompt recording says (zero-shot needs it)")
         self.spk_name = w.Text(description="register it as", placeholder="a speaker name", style=label)
         self.register = w.Button(description="Register speaker", tooltip="keep this prompt as an SFT speaker",
@@ -258,7 +259,7 @@ class SynthesisApp(w.VBox):
         self.player = StreamPlayer()
         self.chart = w.Image(format="png", layout=w.Layout(display="none", max_width="100%"))
         self.chart_text = w.HTML()
-        self.rows = {"prompt": w.VBox([w.HBox([self.voice, self.upload, self.upload_info]), self.preview]),
+        self.rows = {"prompt": w.VBox([w.HBox([self.voice, self.upload]), self.upload_info, self.preview]),
                      "transcript": self.transcript,
                      "register": w.HBox([self.spk_name, self.register, self.register_info]),
                      "instruction": self.instruction, "speaker": self.speaker, "speed": self.speed,
@@ -280,7 +281,7 @@ class SynthesisApp(w.VBox):
         self._show()
 
     def _repr_mimebundle_(self, **kwargs) -> dict:
-        bundle = super()._repr_mimebundle_(**kwargs)      # what a saved notebook shows without a kernel:
+        bundle = super()._repr_mimebundle_(**kwargs)      # where widgets cannot show (untrusted, a console):
         bundle["text/plain"] = "(minicosy's synthesis app: run the notebook's cells to use it)"
         return bundle
 
