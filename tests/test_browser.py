@@ -64,9 +64,11 @@ class Lab:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.token = secrets.token_hex(16)
+        self.notebooks = {path: path.read_bytes() for path in NOTEBOOKS}
         self.url = f"http://127.0.0.1:{self.port}"
         settings = home / "settings"
         for plugin, value in {"notebook-extension/tracker": {"windowingMode": "none"},   # render every cell
+                              "docmanager-extension/plugin": {"autosave": False},      # the files stay as committed
                               "apputils-extension/notification": {"fetchNews": "false",
                                                                   "checkForUpdates": False}}.items():
             path = settings / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
@@ -91,6 +93,10 @@ class Lab:
         except OSError:
             return None
         return json.loads(body) if body else {}
+
+    def assert_notebooks_unchanged(self) -> None:
+        changed = [p.name for p, content in self.notebooks.items() if p.read_bytes() != content]
+        assert not changed, f"JupyterLab rewrote {changed}"
 
     def idle_kernel(self, notebook: str) -> bool:
         sessions = self.api("sessions") or []
@@ -173,6 +179,7 @@ def test_every_notebook_opens_unmodified_with_playable_players(browser, lab):
             browser.save_screenshot(str(SHOTS / f"notebook_{path.stem}.png"))
         lab.shutdown_kernels()
     assert total >= 40
+    lab.assert_notebooks_unchanged()
 
 
 APP_JS = """
@@ -323,6 +330,7 @@ def test_notebook_10_app_in_every_mode(browser, lab, tmp_path):
     assert state["error"] and state["status"].startswith("⚠ notes.txt is not an audio file"), state["status"]
     assert "\n" not in state["status"] and "BytesIO" not in state["status"]
     app.root.screenshot(str(SHOTS / "app_error.png"))
+    lab.assert_notebooks_unchanged()
 
 
 def check_one_continuous_playback(state: dict, chunks: int) -> None:
