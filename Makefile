@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (main job) and `make test` (the whole suite).
+# The README's commands: `make demo` (main job), `make test` (the whole suite), `make lab` (the app).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,13 +7,16 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: demo test setup corpus clean-corpus
+.PHONY: demo test lab setup corpus clean-corpus
 
 demo: setup
 	$(PY) -m minicosy demo
 
 test: setup corpus
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+lab: setup corpus
+	$(PY) -m minicosy lab
 
 setup: $(VENV)/.minicosy-setup
 

@@ -6,6 +6,8 @@
   -- synthesise with any model folder (``--model tiny`` or an official CosyVoice2-0.5B folder).
 * ``python -m minicosy eval`` -- WER and speaker similarity on held-out sentences and voices.
 * ``python -m minicosy pipeline`` -- draw the pipeline diagram of a preset (``docs/pipeline.png``).
+* ``python -m minicosy lab [JUPYTERLAB ARGS]`` -- trust the notebooks, then open the app (notebook 10)
+  in JupyterLab (``make lab``).
 """
 from __future__ import annotations
 
@@ -157,6 +159,31 @@ def eval_command(args: argparse.Namespace) -> None:
             print(f"{stage:34s} {wer[stage]:6.3f} {units[stage]:11.3f}")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+APP_NOTEBOOK = "notebooks/10_interactive.ipynb"
+
+
+def trust_notebooks(folder: Path = ROOT / "notebooks") -> list[Path]:
+    """Sign the notebooks in ``folder`` in this user's Jupyter trust database (as ``jupyter trust``
+    does; the files are not changed): JupyterLab strips the ``data:`` sources of the committed audio
+    players from untrusted notebooks, leaving them silent. Returns the notebooks signed."""
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    notary, paths = NotebookNotary(), sorted(folder.glob("*.ipynb"))
+    for path in paths:
+        notary.sign(nbformat.read(path, as_version=4))
+    return paths
+
+
+def lab(extra: list[str]) -> None:
+    """Trust the notebooks, then replace this process by JupyterLab on the app's notebook (extra
+    arguments go to JupyterLab, e.g. ``--no-browser --port 8890``)."""
+    print(f"trusted {len(trust_notebooks())} notebooks; opening {APP_NOTEBOOK} in JupyterLab", flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={ROOT}",
+                              str(ROOT / APP_NOTEBOOK), *extra])
+
+
 def main(argv: list[str] | None = None) -> None:
     import matplotlib
 
@@ -200,10 +227,14 @@ def main(argv: list[str] | None = None) -> None:
                         "(the eval split of the large corpus where there is one), pooled over the voices the judge reads")
     e.add_argument("--stages", action="store_true",
                    help="also print where the words are lost: WER and the speech tokenizer's unit error after each stage")
+    sub.add_parser("lab", help="trust the notebooks and open the app (notebook 10) in JupyterLab; "
+                               "other arguments go to JupyterLab")
     p = sub.add_parser("pipeline", help="draw the pipeline diagram of a config preset to a PNG")
     p.add_argument("--preset", default="cosyvoice2_0p5b")
     p.add_argument("--out", default="docs/pipeline.png")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.cmd != "lab":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.cmd == "demo":
             demo(args.root, args.out, args.seed)
@@ -211,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
             tts_command(args)
         elif args.cmd == "eval":
             eval_command(args)
+        elif args.cmd == "lab":
+            lab(extra)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:   # one line, not a traceback
         print(f"minicosy {args.cmd}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         raise SystemExit(2) from None

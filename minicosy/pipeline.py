@@ -53,7 +53,8 @@ class Request:
 
 
 class _Clock:
-    """Seconds spent per stage, for the current chunk and for the whole request."""
+    """Seconds spent per stage, for the current chunk and for the whole request (all its sentences);
+    ``end_s`` and ``first_package_s`` count from the request's start."""
 
     STAGES = ("frontend_s", "lm_s", "flow_s", "vocoder_s")
 
@@ -262,9 +263,8 @@ class CosyVoice2:
         # separate generators for LM sampling and the vocoder's source phases, so that a streaming
         # and an offline request with the same seed sample the same speech tokens
         generators = [torch.Generator(self.device).manual_seed(seed + k) if seed is not None else None for k in (0, 1)]
-        frontend_s = time.perf_counter() - start
+        clock = _Clock(start, time.perf_counter() - start)    # one clock per request: sentences add up
         for i, text in enumerate(texts):
-            clock = _Clock(start if i == 0 else time.perf_counter(), frontend_s if i == 0 else 0.0)
             yield from self._tts(make(text), clock, i, stream, speed, generators, incremental)
 
     def _tts(self, req: Request, clock: _Clock, sentence: int, stream: bool, speed: float,

@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-# TTS engines of the corpus, plus what building webrtcvad (resemblyzer) and a venv need.
-APT_PACKAGES="flite espeak-ng libsndfile1"
+# TTS engines of the corpus, plus what building webrtcvad (resemblyzer) and a venv need; Chromium and
+# its driver for the browser test of the notebooks and the app (tests/test_browser.py, skipped without).
+APT_PACKAGES="flite espeak-ng libsndfile1 chromium chromium-driver"
 
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
   echo "minicosy needs Python >= 3.10 (found $("$PYTHON" --version 2>&1))" >&2; exit 1; }
@@ -28,7 +29,7 @@ if [ -n "$missing" ]; then
   else
     echo "Debian packages missing:$missing -- install them with:"
     echo "  sudo apt-get install -y$missing"
-    echo "(the corpus skips TTS engines that are not installed)"
+    echo "(the corpus skips TTS engines that are not installed; tests/test_browser.py skips without Chromium)"
   fi
 fi
 
@@ -54,6 +55,10 @@ fi
 # test-only: s3tokenizer, an independent speech_tokenizer_v2 (tests/test_official_tokenizer.py), without its
 # dependencies: its torchaudio is a CUDA build that cannot load beside the CPU torch and breaks `import transformers`
 "$PY" -m pip install -q -c constraints.txt --no-deps s3tokenizer einops
-# notebooks run on this environment's Python (not a system-wide "python3" kernel)
-"$PY" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (minicosy)" >/dev/null
+# notebooks run on this environment's Python (not a system-wide "python3" kernel); the display name is
+# the one the committed notebooks carry, so that opening one does not mark it modified
+"$PY" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null
+# JupyterLab strips the data: sources of untrusted notebooks' audio players: trust the committed ones
+# (this user's trust database; the files are unchanged). `make lab` trusts them again after a pull.
+"$VENV/bin/jupyter" trust notebooks/*.ipynb >/dev/null
 echo "set-up done: $("$PY" -c 'import torch, minicosy; print("torch", torch.__version__)')"

@@ -69,6 +69,12 @@ def test_long_text_is_split_and_speed_stretches_the_mel(tts, prompt):
     wav, text = prompt
     outs = list(tts.inference_cross_lingual("It is 5 o'clock. " * 25 + "We go home.", wav, seed=0))
     assert len({o["sentence"] for o in outs}) >= 2
+    # one clock for the whole request: later sentences end later, and the totals add every sentence up
+    ends = [o["timings"]["end_s"] for o in outs]
+    assert all(a < b for a, b in zip(ends, ends[1:]))
+    totals = outs[-1]["totals"]
+    assert totals["tokens"] * 2 * 480 == _audio(outs).shape[1] and totals["chunks"] == len(outs)
+    assert totals["first_package_s"] == ends[0] and totals["elapsed_s"] == ends[-1]
     normal = _audio(list(tts.inference_cross_lingual(TEXT, wav, seed=1)))
     fast = _audio(list(tts.inference_cross_lingual(TEXT, wav, seed=1, speed=2.0)))
     assert fast.shape[1] == normal.shape[1] // 2 // 480 * 480
