@@ -111,9 +111,9 @@ class LMConfig:
 
 
 # The LM's length bounds (speech tokens per text id) belong to the text units: for BPE pieces (§2.1)
-# the official values, 2 and 20 tokens at 25 Hz; a reading unit (a phone, a word gap, a
-# punctuation mark) spans 1.2-2.7 tokens in the large corpus' English voices, so the BPE minimum
-# of 2 would force the LM past its end of speech (tests/test_lm.py checks the bounds on the corpus).
+# the official values, 2 and 20 tokens at 25 Hz; a reading unit (a phone, a word gap, a punctuation
+# mark) spans 1.3-2.7 tokens in the small corpus' English utterances (median 1.65), so the BPE
+# minimum of 2 would force the LM past its end of speech (tests/test_lm.py checks the bounds there).
 UNIT_TOKEN_TEXT_RATIO = {"bpe": (2.0, 20.0), "phone": (1.0, 6.0)}
 
 
