@@ -24,6 +24,9 @@ from .config import CorpusConfig, get_config
 
 
 DEFAULT_SPEAKER = "hibari_heart"     # `tts` without a prompt or speaker id speaks as this SFT speaker
+# `demo` speaks in this held-out voice: one whose own recordings pocketsphinx reads (`python -m
+# minicosy eval --per-voice 20` prints each voice's recording WER), so its transcript means something
+DEMO_VOICE = "flite_rms"
 
 
 def check_output_path(path: str | Path) -> None:
@@ -81,7 +84,10 @@ def demo(root: str, out: str, seed: int) -> None:
         print(f"no corpus under {root}: building it (about 2 minutes on 2 cores)")
         build_corpus(CorpusConfig(root=root))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    trial = synthesis_trials(root, n=1)[0]
+    trials = [t for t in synthesis_trials(root, n=8) if t["target"]["speaker"] == DEMO_VOICE]
+    if not trials:
+        raise ValueError(f"the corpus under {root} has no held-out English sentence in the demo voice {DEMO_VOICE}")
+    trial = trials[0]
     target, prompt = trial["target"], trial["prompt"]
     print(f"prompt: {prompt['speaker']} (held-out voice) saying {prompt['text']!r}")
     print(f"text:   {target['text']!r} (a held-out sentence)")

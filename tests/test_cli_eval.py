@@ -2,7 +2,7 @@
 import soundfile as sf
 import pytest
 
-from minicosy.__main__ import main
+from minicosy.__main__ import DEMO_VOICE, main
 from minicosy.eval import (READABLE_WER, STAGES, EVAL_MODES, _word_stream, evaluate_tts, evaluate_voices, format_table,
                            format_voice_table, recording_wer_by_voice, stage_unit_error, stage_wer, synthesis_trials,
                            voice_trials)
@@ -132,3 +132,4 @@ def test_demo_speaks_a_held_out_sentence(corpus_root, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (tmp_path / "demo.wav").exists()
     assert "held-out voice" in printed and "pocketsphinx hears" in printed and "RTF" in printed
+    assert f"prompt: {DEMO_VOICE} (held-out voice)" in printed
