@@ -242,3 +242,27 @@ def test_timing_helpers_and_the_decode_floor():
     floor = decode_floor(full, 1e10)
     assert floor["fp32_s"] == pytest.approx(0.1455, abs=1e-4) and floor["bf16_s"] == pytest.approx(floor["fp32_s"] / 2)
     assert copy_bandwidth(nbytes=1 << 22, repeats=2) > 1e8
+
+
+def test_first_package_on_the_tiny_model(tmp_path):
+    first_package = _load("first_package")
+    fresh = first_package.main(["--requests", "2", "--warmup", "1", "--threads", "1"])
+    stages = fresh["stages"]
+    assert fresh["package_tokens"] == 15 and fresh["prompt_tokens"] == 75 and fresh["lm_steps"] == 15 + 3 - 1
+    assert all(stages[s]["n"] == 2 and 0 < stages[s]["median"] <= stages[s]["p90"] for s in stages)
+    medians = sum(stages[s]["median"] for s in first_package.STAGES)
+    assert stages["first_package_s"]["min"] <= medians * 1.5 and fresh["parity"] is None
+    eq11 = fresh["eq11"]
+    assert eq11["L_TTS"] == pytest.approx(15 * (eq11["d_lm"] + eq11["d_fm"] + eq11["d_voc"]))
+    assert fresh["rtf"] == pytest.approx((eq11["d_lm"] + eq11["d_fm"] + eq11["d_voc"]) * 25)
+    out = tmp_path / "first_package.json"
+    fast = first_package.main(["--requests", "2", "--warmup", "1", "--threads", "1", "--registered", "--incremental",
+                               "--static-cache", "--compile", "--compile-backend", "eager", "--dtype", "bf16",
+                               "--hift-dtype", "bf16", "--json", str(out)])
+    assert json.loads(out.read_text())["config"]["registered"] is True
+    assert fast["stages"]["frontend_s"]["median"] < stages["frontend_s"]["median"]    # no prompt to process
+    parity = fast["parity"]                     # measured 0.099, 1.1e-4, 0.086, 0.028 (cf. test_precision.py)
+    assert 0 < parity["lm_logp_max_abs"] < 1.5 and parity["lm_kl"] < 1e-3
+    assert 0 < parity["mel_max_abs"] < 0.4 and parity["audio_rms_rel"] < 0.1
+    with pytest.raises(ValueError, match="--compile needs --static-cache"):
+        first_package.main(["--compile"])
