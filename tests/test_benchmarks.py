@@ -6,7 +6,6 @@ The official code cannot be imported here (it needs torchaudio, lightning, hydra
 official module paths, class names and constructor arguments, each class built on minicosy's module
 of the same concept. The benchmark then really imports it, builds it from the yaml, moves its weights
 into minicosy's modules and times both in one run; the outputs must agree to the last bit."""
-import importlib.util
 import json
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from minicosy.config import get_config
 from minicosy.lm import TextSpeechLM
 from minicosy.speed import copy_bandwidth, decode_floor, decode_weight_bytes, repeat, summary
 
-from .conftest import ROOT
+from .conftest import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -181,13 +180,6 @@ STAND_IN = {
 }
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def official_checkout(tmp_path, monkeypatch):
     """The stand-in checkout; ``sys.path`` and the imported ``cosyvoice`` modules are restored after."""
@@ -204,7 +196,7 @@ def official_checkout(tmp_path, monkeypatch):
 
 
 def test_latency_side_by_side_with_an_official_checkout(official_checkout, tmp_path, capsys):
-    latency = _load("latency")
+    latency = load_benchmark("latency")
     out = tmp_path / "latency.json"
     results = latency.main(["--official", str(official_checkout), "--size", "tiny", "--threads", "1", "--repeats", "2",
                             "--decode-steps", "4", "--skip-e2e", "--skip-stream-total", "--json", str(out)])
@@ -225,7 +217,7 @@ def test_latency_side_by_side_with_an_official_checkout(official_checkout, tmp_p
 
 def test_latency_refuses_a_folder_that_is_not_the_official_code(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkout of FunAudioLLM/CosyVoice"):
-        _load("latency").main(["--official", str(tmp_path), "--size", "tiny", "--skip-e2e"])
+        load_benchmark("latency").main(["--official", str(tmp_path), "--size", "tiny", "--skip-e2e"])
 
 
 def test_timing_helpers_and_the_decode_floor():
@@ -245,7 +237,7 @@ def test_timing_helpers_and_the_decode_floor():
 
 
 def test_first_package_on_the_tiny_model(tmp_path):
-    first_package = _load("first_package")
+    first_package = load_benchmark("first_package")
     fresh = first_package.main(["--requests", "2", "--warmup", "1", "--threads", "1"])
     stages = fresh["stages"]
     assert fresh["package_tokens"] == 15 and fresh["prompt_tokens"] == 75 and fresh["lm_steps"] == 15 + 3 - 1
