@@ -51,7 +51,7 @@ from minicosy.pipeline import CosyVoice2, eq11_latency
 from minicosy.speed import clock, copy_bandwidth, decode_floor, repeat, summary, synchronizer
 
 SIZES = {"full": "cosyvoice2_0p5b", "tiny": "tiny"}
-OFFICIAL_UP_BLOCKS, OFFICIAL_CHANNELS = 4, 512       # hard-coded in the official UpsampleConformerEncoder
+OFFICIAL_UP_BLOCKS = 4       # hard-coded in the official UpsampleConformerEncoder
 
 
 def bench_config(size: str) -> MiniCosyConfig:
@@ -151,17 +151,18 @@ def rows_of(times: dict[str, list[float]], outputs: dict[str, torch.Tensor]) -> 
 
 
 @torch.inference_mode()
-def lm_stages(lm: TextSpeechLM, official, device, steps: int, sync) -> dict:
+def lm_stages(lm: TextSpeechLM, official, device, steps: int, repeats: int, sync) -> dict:
     """Prefill of 150 rows, then ``steps`` decode steps on forced tokens (the arg-max of minicosy's
-    log-probs), each timed for both codes in alternating order; minicosy's static cache alongside."""
+    log-probs), each step timed for both codes, which goes first alternating from step to step;
+    minicosy's static cache alongside."""
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(1, 150, lm.cfg.hidden_size, generator=g).to(device)
     out = {}
     prefill = lambda: lm.step(rows)[0]
     if official is None:
-        out["LM prefill, 150 rows"] = {"minicosy": repeat(prefill, 3, sync)}
+        out["LM prefill, 150 rows"] = {"minicosy": repeat(prefill, repeats, sync)}
     else:
-        out["LM prefill, 150 rows"] = compare(prefill, lambda: official_logp(official, rows, None, 0)[0], 3, sync)
+        out["LM prefill, 150 rows"] = compare(prefill, lambda: official_logp(official, rows, None, 0)[0], repeats, sync)
     logp, cache = lm.step(rows)
     static = lm.llm.static_cache(rows.shape[1] + steps)
     lm.step(rows, static)
@@ -170,12 +171,16 @@ def lm_stages(lm: TextSpeechLM, official, device, steps: int, sync) -> dict:
     diff = 0.0
     for k in range(steps):
         row = lm.speech_embedding.weight[int(logp.argmax()) % lm.cfg.speech_token_size].reshape(1, 1, -1)
-        t, (logp, cache) = clock(lambda: lm.step(row, cache), sync)
-        times["minicosy"].append(t)
-        times["static"].append(clock(lambda: lm.static_step(row, static), sync)[0])
+        sides = {"minicosy": lambda: lm.step(row, cache), "static": lambda: lm.static_step(row, static)}
         if official is not None:
-            t, (their_logp, theirs) = clock(lambda: official_logp(official, row, theirs, rows.shape[1] + k), sync)
-            times["official"].append(t)
+            sides["official"] = lambda: official_logp(official, row, theirs, rows.shape[1] + k)
+        done = {}
+        for side in sorted(sides, reverse=bool(k % 2)):          # official before / after minicosy
+            t, done[side] = clock(sides[side], sync)
+            times[side].append(t)
+        logp, cache = done["minicosy"]
+        if official is not None:
+            their_logp, theirs = done["official"]
             diff = max(diff, float((logp - their_logp).abs().max()))
     times = {side: t[2:] for side, t in times.items() if t}            # the first steps warm up
     name = "LM decode per token, 150-row prefix"
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     lm, flow, hift = (ours[k].to(device) for k in ("lm", "flow", "hift"))
     print(f"\n{args.size}-size random modules built in {time.perf_counter() - t0:.1f} s"
           + (f" (official code from {args.official}, its weights loaded into minicosy's modules)" if official else ""))
-    rows = lm_stages(lm, official and official["llm"], device, args.decode_steps, sync)
+    rows = lm_stages(lm, official and official["llm"], device, args.decode_steps, args.repeats, sync)
     rows.update(flow_hift_stages(flow, hift, official, device, args.repeats, sync))
     print_table(f"{args.size}-size CosyVoice2 architecture, random weights, fp32, {device}, {args.threads} threads; "
                 f"seconds", rows)
