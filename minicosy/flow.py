@@ -49,7 +49,7 @@ from .audio import load_wav, mel_spectrogram
 from .config import FlowConfig, get_config
 from .data import checkpoint_cache, load_manifest
 from .flow_encoder import UpsampleConformerEncoder
-from .flow_estimator import CausalConditionalDecoder
+from .flow_estimator import Attention, CausalConditionalDecoder
 from .masks import CHUNK_M, MASK_NAMES, NON_CAUSAL, chunk_size_of, make_pad_mask, sample_training_mask
 from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, model_from_checkpoint, read_torch_file,
                     recipe_parser, save_checkpoint, seed_everything, state_file, train_loop)
@@ -329,8 +329,10 @@ class FlowStreamer:
 
     All state (offset, hop, caches) lives on this object: one per request. The incremental caches
     trade memory for compute: keys/values of every attention block for every ODE step and both CFG
-    rows, :meth:`cache_bytes` (about 4.6 MB per mel frame, 230 MB per second of audio, for the
-    full-size model in float32)."""
+    rows (the conditional and unconditional velocity of eq. 10 are one batch of 2, as officially), in
+    the flow's compute dtype; they grow by :meth:`bytes_per_frame` per mel frame (4,587,520 B for the
+    full-size model in float32, 230 MB per second of audio; half that in bfloat16/float16) plus the
+    causal-conv tails, a constant. :meth:`cache_bytes` is what they hold."""
 
     def __init__(self, flow: CausalMaskedDiffWithXvec, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                  embedding: torch.Tensor, hop: int = 25, max_hop: int = 100, scale: int = 2,
@@ -359,6 +361,13 @@ class FlowStreamer:
         """Memory held by the incremental caches."""
         tensors = [t for c in self.caches for v in c.values() for t in (v if isinstance(v, tuple) else (v,))]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def bytes_per_frame(self) -> int:
+        """Incremental cache bytes per mel frame: the key and value rows of every attention block of
+        the estimator, for each ODE step and both CFG rows, in the flow's dtype."""
+        width = sum(m.to_k.out_features + m.to_v.out_features
+                    for m in self.flow.decoder.estimator.modules() if isinstance(m, Attention))
+        return width * self.n_timesteps * 2 * self.flow.encoder_proj.weight.element_size()
 
     @property
     def this_hop(self) -> int:

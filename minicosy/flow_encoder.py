@@ -191,7 +191,8 @@ class UpsampleConformerEncoder(nn.Module):
             xs = layer(xs, mask, pos_emb)
 
         xs, xs_lens = self.up_layer(xs.transpose(1, 2), xs_lens)
-        xs = xs.transpose(1, 2)
+        # contiguous as officially: up_embed's Linear then sums in the official order (bit-exact)
+        xs = xs.transpose(1, 2).contiguous()
         pad = ~make_pad_mask(xs_lens, xs.shape[1]).unsqueeze(1)
         xs, pos_emb = self.up_embed(xs)
         mask = batch_chunk_mask(pad, mask_kind, self.chunk_tokens * self.up_layer.stride)

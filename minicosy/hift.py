@@ -24,6 +24,7 @@ Usage::
     hift = load_official_hift("pretrained/hift.pt")         # or HiFTGenerator(cfg.hift)
     speech, source = hift.inference(mel)                    # (B, 480T), (B, 1, 480T)
     speech, source = hift.inference(next_mel, cache_source=source[..., -8 * 480:])  # streaming
+    hift.convolutions_in(torch.bfloat16)                    # half-precision convolutions, STFT in float32
     hift = HiFTGenerator.from_checkpoint("data/checkpoints/hift_tiny.pt")   # the tiny trained one
 """
 from __future__ import annotations
@@ -189,7 +190,27 @@ class HiFTGenerator(nn.Module):
         return model_from_checkpoint(path, lambda mc: cls(HiFTConfig(**{k: tuple(v) if isinstance(v, list) else v
                                                                      for k, v in mc.items()})), _official_keys)
 
+    def convolutions_in(self, dtype: torch.dtype) -> "HiFTGenerator":
+        """Run the F0 predictor and the generator's convolutions in ``dtype`` (bfloat16 or float16:
+        half the weight and activation traffic); the NSF source, the STFT of the source and the
+        iSTFT with its exp/sin stay float32, where the phase and the magnitude's range need it.
+        ``torch.float32`` undoes it. Returns the module."""
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"HiFT convolutions run in float32, float16 or bfloat16, got {dtype}")
+        self.to(dtype)
+        self.m_source.float()
+        self.stft_window = self.stft_window.float()
+        return self
+
+    @property
+    def conv_dtype(self) -> torch.dtype:
+        return self.conv_pre.bias.dtype
+
     # ---- source -------------------------------------------------------------------------------
+    def predict_f0(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel (B, 80, T) → float32 f0 in Hz (B, T), by the F0 predictor in the convolutions' dtype."""
+        return self.f0_predictor(mel.to(self.conv_dtype)).float()
+
     def f0_to_source(self, f0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Frame-rate f0 (B, T) → excitation (B, 1, T·480): nearest up-sampling, then the NSF source."""
         f0_samples = F.interpolate(f0[:, None], scale_factor=float(self.samples_per_frame), mode="nearest")
@@ -221,10 +242,10 @@ class HiFTGenerator(nn.Module):
         expected = (mel.shape[0], 1, mel.shape[2] * self.samples_per_frame)
         if tuple(source.shape) != expected:
             raise ValueError(f"source must be {expected} for mel {tuple(mel.shape)}, got {tuple(source.shape)}")
-        real, imag = self.stft(source)
-        s_stft = torch.cat([real, imag], dim=1)
+        real, imag = self.stft(source.float())
+        s_stft = torch.cat([real, imag], dim=1).to(self.conv_dtype)
 
-        x = self.conv_pre(mel)
+        x = self.conv_pre(mel.to(self.conv_dtype))
         n_kernels = len(self.cfg.resblock_kernel_sizes)
         for i, (up, down, source_block) in enumerate(zip(self.ups, self.source_downs, self.source_resblocks)):
             x = up(F.leaky_relu(x, self.cfg.lrelu_slope))
@@ -234,7 +255,7 @@ class HiFTGenerator(nn.Module):
             blocks = self.resblocks[i * n_kernels:(i + 1) * n_kernels]
             x = sum(block(x) for block in blocks) / n_kernels
 
-        x = self.conv_post(F.leaky_relu(x))  # default slope 0.01 here, as in the official code
+        x = self.conv_post(F.leaky_relu(x)).float()  # default slope 0.01 here, as in the official code
         n_bins = self.cfg.istft_n_fft // 2 + 1
         speech = self.istft(torch.exp(x[:, :n_bins]), torch.sin(x[:, n_bins:]))
         return speech.clamp(-self.cfg.audio_limit, self.cfg.audio_limit)
@@ -242,7 +263,7 @@ class HiFTGenerator(nn.Module):
     def forward(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Training path: mel (B, 80, T) → (waveform (B, 480T), predicted f0 (B, T))."""
         self._check_mel(mel)
-        f0 = self.f0_predictor(mel)
+        f0 = self.predict_f0(mel)
         return self.decode(mel, self.f0_to_source(f0, generator)), f0
 
     @torch.inference_mode()
@@ -254,7 +275,7 @@ class HiFTGenerator(nn.Module):
         first L samples of the new source so consecutive streaming chunks stay phase-continuous.
         """
         self._check_mel(mel)
-        source = self.f0_to_source(self.f0_predictor(mel), generator)
+        source = self.f0_to_source(self.predict_f0(mel), generator)
         if cache_source is not None and cache_source.shape[-1] > 0:
             if cache_source.dim() != 3 or cache_source.shape[:2] != source.shape[:2] \
                     or cache_source.shape[2] > source.shape[2]:

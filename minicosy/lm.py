@@ -20,10 +20,15 @@ Sequences (§2.3 and the official ``prepare_lm_input_target``), N:M = 5:15:
 
 Inference (§2.3 "ICL/SFT, (Non-)Streaming") yields speech ids one by one with the HF KV cache:
 :meth:`TextSpeechLM.inference` for the non-streaming layouts and
-:meth:`TextSpeechLM.inference_bistream` for text-in streaming. Usage::
+:meth:`TextSpeechLM.inference_bistream` for text-in streaming. ``inference(..., static_cache=True)``
+decodes into a KV cache allocated once for the whole request (transformers' ``StaticCache``), so
+every one-token step has the same shapes and :meth:`TextSpeechLM.compile_decode_step` can compile
+it once (d_lm of eq. 11, §2.5). Usage::
 
     lm = load_official_llm("llm.pt", qwen_dir="CosyVoice-BlankEN")
     tokens = list(lm.inference(text_ids, prompt_text_ids, prompt_speech_ids))
+    lm.compile_decode_step()                    # optional; "reduce-overhead" (CUDA graphs) on CUDA
+    tokens = list(lm.inference(text_ids, prompt_text_ids, prompt_speech_ids, static_cache=True))
 
     python -m minicosy.train lm          # the tiny LM on the corpus, ~9 min on 2 cores
     lm = TextSpeechLM.from_checkpoint("data/checkpoints/lm_tiny.pt")
@@ -44,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model, StaticCache
 
 from .config import LMConfig, get_config, lm_for_units
 from .data import INSTRUCT_DIR, load_manifest
@@ -120,6 +125,11 @@ class Qwen2Backbone(nn.Module):
         out = self.model.model(inputs_embeds=xs, use_cache=True, **{_CACHE_ARG: cache})
         return out.last_hidden_state, out[_CACHE_ARG]
 
+    def static_cache(self, rows: int) -> StaticCache:
+        """A KV cache of ``rows`` positions, allocated at its first use and then written in place
+        (a fixed address and shape for every later step); the masked empty rows cost attention only."""
+        return StaticCache(config=self.model.config, max_cache_len=rows)
+
 
 class TextSpeechLM(nn.Module):
     """CosyVoice 2's text-speech LM; parameter names equal the official ``llm.pt`` keys."""
@@ -132,6 +142,7 @@ class TextSpeechLM(nn.Module):
         self.llm = Qwen2Backbone(qwen2_config(cfg, text_vocab_size))
         self.llm_decoder = nn.Linear(cfg.hidden_size, n_out)
         self.speech_embedding = nn.Embedding(n_out, cfg.hidden_size)
+        self._compiled_step = None     # set by compile_decode_step
 
     @classmethod
     def from_qwen_folder(cls, folder: str | Path, cfg: LMConfig | None = None) -> TextSpeechLM:
@@ -229,11 +240,36 @@ class TextSpeechLM(nn.Module):
         return {"loss": lm_loss(logits, target), "acc": lm_accuracy(logits, target), "logits": logits, "target": target}
 
     # ----- inference --------------------------------------------------------------------------
+    def _logp(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(1, T, H) last hidden states -> (V,) float32 log-probs after the last row."""
+        return self.llm_decoder(hidden[0, -1]).float().log_softmax(dim=-1)
+
+    def _next_logp(self, row: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        return self._logp(self.llm.forward_one_step(row, cache)[0])
+
     @torch.inference_mode()
     def step(self, rows: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
         """Feed (1, T, H) rows after the cached ones; (V,) float32 log-probs of the next token."""
         hidden, cache = self.llm.forward_one_step(rows, cache)
-        return self.llm_decoder(hidden[0, -1]).float().log_softmax(dim=-1), cache
+        return self._logp(hidden), cache
+
+    @torch.inference_mode()
+    def static_step(self, row: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """One decode step, row (1, 1, H), into a static cache (in place): the compiled step when
+        :meth:`compile_decode_step` was called, else the eager one. (V,) float32 log-probs, a fresh
+        tensor (a CUDA graph's output is overwritten by its next replay)."""
+        if self._compiled_step is None:
+            return self._next_logp(row, cache)
+        return self._compiled_step(row, cache).clone()
+
+    def compile_decode_step(self, mode: str | None = None, **options) -> None:
+        """Compile the one-token decode step once (``torch.compile``) for static-cache decoding, whose
+        fixed shapes let one graph serve every step of every request. ``mode`` defaults to
+        "reduce-overhead" on CUDA (the step is captured as one CUDA graph: no per-kernel launch
+        cost, which bounds a 0.5 B decoder's step on a GPU) and "default" elsewhere; ``options`` go to
+        ``torch.compile`` (e.g. ``backend="eager"`` to check the tracing alone)."""
+        mode = mode or ("reduce-overhead" if self.llm_decoder.weight.is_cuda else "default")
+        self._compiled_step = torch.compile(self._next_logp, mode=mode, dynamic=False, **options)
 
     def _sampler(self, sampling: str | Sampler, generator: torch.Generator | None) -> Sampler:
         if callable(sampling):
@@ -258,14 +294,17 @@ class TextSpeechLM(nn.Module):
     def inference(self, text: Ids, prompt_text: Ids | None = None, prompt_speech_token: Ids | None = None, *,
                   sampling: str | Sampler = "ras", generator: torch.Generator | None = None,
                   min_token_text_ratio: float | None = None,
-                  max_token_text_ratio: float | None = None) -> Iterator[int]:
+                  max_token_text_ratio: float | None = None, static_cache: bool = False) -> Iterator[int]:
         """Non-streaming generation: ICL [sos, prompt_text+text, task_id, prompt_speech] or, without
         prompts, SFT [sos, text, task_id] (§2.3). Yields speech ids (no stop id) one by one.
 
         min_len/max_len = ratio x len(text) (prompt text excluded); the stop ids are masked before
         min_len; any of 6561-6563 ends generation. ``sampling``: 'ras' (with ``generator``), 'greedy' or a
-        :data:`Sampler`.
+        :data:`Sampler`. ``static_cache``: decode into a KV cache of prefix + max_len rows allocated
+        once (same tokens; see :meth:`compile_decode_step`).
         """
+        if not isinstance(static_cache, bool):
+            raise ValueError(f"static_cache must be True or False, got {static_cache!r}")
         text_ids = self._ids(text, self.text_vocab_size, "text")
         if not len(text_ids):
             raise ValueError("text is empty: nothing to synthesise")
@@ -277,14 +316,18 @@ class TextSpeechLM(nn.Module):
         min_ratio = self.cfg.min_token_text_ratio if min_token_text_ratio is None else min_token_text_ratio
         max_ratio = self.cfg.max_token_text_ratio if max_token_text_ratio is None else max_token_text_ratio
         min_len, max_len = int(len(text_ids) * min_ratio), int(len(text_ids) * max_ratio)
-        return self._decode(rows[None], sampler, min_len, max_len)
+        return self._decode(rows[None], sampler, min_len, max_len, static_cache)
 
     @torch.inference_mode()
-    def _decode(self, rows: torch.Tensor, sampler: Sampler, min_len: int, max_len: int) -> Iterator[int]:
+    def _decode(self, rows: torch.Tensor, sampler: Sampler, min_len: int, max_len: int,
+                static_cache: bool = False) -> Iterator[int]:
         out: list[int] = []
-        cache = None
+        cache = self.llm.static_cache(rows.shape[1] + max_len) if static_cache else None
         for i in range(max_len):
-            logp, cache = self.step(rows, cache)
+            if static_cache and i:                       # one row into the fixed-shape cache
+                logp = self.static_step(rows, cache)
+            else:                                        # the prefill, or any step of the dynamic cache
+                logp, cache = self.step(rows, cache)
             token = self._pick(logp, out, sampler, self.cfg.stop_ids if i < min_len else ())
             if token in self.cfg.stop_ids:
                 return

@@ -220,8 +220,10 @@ def read_official_folder(folder: str | Path) -> dict:
     return {"config": cfg, "frontend": frontend, "lm": lm, "flow": flow.eval(), "hift": hift, "spk2info": spk2info}
 
 
-def _yaml_text(cfg: MiniCosyConfig) -> str:
-    """A ``cosyvoice2.yaml`` with the official structure and tags for ``cfg`` (the fields minicosy reads)."""
+def yaml_text(cfg: MiniCosyConfig) -> str:
+    """A ``cosyvoice2.yaml`` for ``cfg`` with the official structure, tags and every argument of the
+    official recipe (``examples/libritts/cosyvoice2/conf/cosyvoice2.yaml``, model part), so that the
+    official code builds the same modules from it (``benchmarks/latency.py --official`` does)."""
     f, h, lm = cfg.flow, cfg.hift, cfg.lm
     official = get_config("cosyvoice2_0p5b").flow
     extra = {k: getattr(f, k) for k in HARD_CODED_FLOW if getattr(f, k) != getattr(official, k)}
@@ -234,11 +236,15 @@ spk_embed_dim: {f.spk_embed_dim}
 qwen_pretrain_path: ''
 token_frame_rate: {cfg.token_rate}
 token_mel_ratio: {f.token_mel_ratio}
+chunk_size: {f.static_chunk_tokens}
+num_decoding_left_chunks: -1
 
 llm: !new:cosyvoice.llm.llm.Qwen2LM
     llm_input_size: !ref <llm_input_size>
     llm_output_size: !ref <llm_output_size>
     speech_token_size: {lm.speech_token_size}
+    length_normalized_loss: True
+    lsm_weight: 0
     mix_ratio: {list(lm.mix_ratio)}
     llm: !new:cosyvoice.llm.llm.Qwen2Encoder
         pretrain_path: !ref <qwen_pretrain_path>
@@ -252,7 +258,10 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
     input_size: {f.input_size}
     output_size: {f.n_mels}
     spk_embed_dim: !ref <spk_embed_dim>
+    output_type: 'mel'
     vocab_size: {f.vocab_size}
+    input_frame_rate: !ref <token_frame_rate>
+    only_mask_loss: True
     token_mel_ratio: !ref <token_mel_ratio>
     pre_lookahead_len: {f.pre_lookahead_len}
     encoder: !new:cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder
@@ -261,22 +270,40 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
         linear_units: {f.encoder_linear_units}
         num_blocks: {f.encoder_blocks}
         dropout_rate: {f.encoder_dropout}
+        positional_dropout_rate: {f.encoder_dropout}
+        attention_dropout_rate: {f.encoder_dropout}
+        normalize_before: True
+        input_layer: 'linear'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
         input_size: {f.input_size}
+        use_cnn_module: False
+        macaron_style: False
+        static_chunk_size: !ref <chunk_size>
     decoder: !new:cosyvoice.flow.flow_matching.CausalConditionalCFM
+        in_channels: {3 * f.n_mels}
+        n_spks: 1
+        spk_emb_dim: {f.n_mels}
         cfm_params: !new:omegaconf.DictConfig
             content:
                 sigma_min: {f.sigma_min}
+                solver: 'euler'
+                t_scheduler: 'cosine'
                 training_cfg_rate: {f.training_cfg_rate}
                 inference_cfg_rate: {f.cfg_rate}
+                reg_loss_type: 'l1'
         estimator: !new:cosyvoice.flow.decoder.CausalConditionalDecoder
             in_channels: {4 * f.n_mels}
             out_channels: {f.n_mels}
             channels: [{f.estimator_channels}]
+            dropout: 0.0
             attention_head_dim: {f.estimator_attention_head_dim}
             n_blocks: {f.estimator_n_blocks}
             num_mid_blocks: {f.estimator_mid_blocks}
             num_heads: {f.estimator_heads}
-            static_chunk_size: !ref <token_frame_rate> * <token_mel_ratio>
+            act_fn: 'gelu'
+            static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
+            num_decoding_left_chunks: !ref <num_decoding_left_chunks>
 
 hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
     in_channels: {h.in_channels}
@@ -315,7 +342,7 @@ def write_official_folder(tts, folder: str | Path, text_tokenizer_dir: str | Pat
     cfg = dataclasses.replace(tts.config, flow=tts.flow.cfg, lm=tts.lm.cfg, hift=tts.hift.cfg)
     for name, module in (("llm.pt", tts.lm), ("flow.pt", tts.flow), ("hift.pt", tts.hift)):
         torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, folder / name)
-    (folder / "cosyvoice2.yaml").write_text(_yaml_text(cfg))
+    (folder / "cosyvoice2.yaml").write_text(yaml_text(cfg))
     qwen2_config(tts.lm.cfg, tts.lm.text_vocab_size).to_json_file(str(folder / QWEN_DIR / "config.json"))
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(Path(text_tokenizer_dir) / name, folder / QWEN_DIR / name)

@@ -108,18 +108,23 @@ class CosyVoice2:
     and ``totals`` (the request so far: stage seconds, tokens, audio seconds, RTF and the measured
     first-package latency of eq. 11). Extra keyword arguments (minicosy's): ``seed`` (per-request
     random generator), ``incremental`` (streaming flow that caches past chunks, see
-    :class:`~minicosy.flow.FlowStreamer`)."""
+    :class:`~minicosy.flow.FlowStreamer`), ``static_cache`` (the LM decodes into a KV cache
+    allocated once, see :meth:`~minicosy.lm.TextSpeechLM.compile_decode_step`; text known in
+    advance only).
+
+    ``dtype`` is the LM's and flow's (as the official ``fp16``); ``hift_dtype`` runs HiFT's
+    convolutions in half precision too, its STFT/iSTFT staying float32 (officially HiFT is float32)."""
 
     def __init__(self, frontend: Frontend, lm: TextSpeechLM, flow: CausalMaskedDiffWithXvec, hift: HiFTGenerator,
                  config: MiniCosyConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 model_dir: str | Path | None = None, spk2info: dict | None = None) -> None:
+                 model_dir: str | Path | None = None, spk2info: dict | None = None,
+                 hift_dtype: torch.dtype | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
         self.frontend, self.config, self.model_dir = frontend, config, Path(model_dir) if model_dir else None
-        # LM and flow take the requested dtype; HiFT (STFT/iSTFT) stays float32, as officially
         self.lm = lm.to(self.device, self.dtype).eval()
         self.flow = flow.to(self.device, self.dtype).eval()
-        self.hift = hift.to(self.device).eval()
+        self.hift = hift.to(self.device).eval().convolutions_in(_check_dtype(hift_dtype) or torch.float32)
         self.spk2info: dict[str, dict] = {k: dict(v) for k, v in (spk2info or {}).items()}
         for info in self.spk2info.values():            # as written by save_spkinfo
             if isinstance(info.get("prompt"), dict):
@@ -129,14 +134,15 @@ class CosyVoice2:
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path = "tiny", device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "CosyVoice2":
+                        dtype: torch.dtype | None = None, hift_dtype: torch.dtype | None = None) -> "CosyVoice2":
         """An official CosyVoice2-0.5B folder (``cosyvoice2.yaml``, ``llm.pt``, ``flow.pt``,
         ``hift.pt``, ``CosyVoice-BlankEN/``, ``campplus.onnx``, ``speech_tokenizer_v2.onnx``) or a
         minicosy checkpoint folder (``minicosy.json``); ``"tiny"`` is the one in ``data/checkpoints``.
-        ``device`` defaults to CPU; ``dtype`` (e.g. ``torch.float16``) applies to the LM and flow."""
+        ``device`` defaults to CPU; ``dtype`` (e.g. ``torch.float16``) applies to the LM and flow,
+        ``hift_dtype`` to HiFT's convolutions."""
         from .official import read_official_folder
 
-        device, dtype = _check_device(device), _check_dtype(dtype)
+        device, dtype, hift_dtype = _check_device(device), _check_dtype(dtype), _check_dtype(hift_dtype)
         folder = TINY_DIR if str(path) == "tiny" else resolve_model_folder(path)
         if (folder / "cosyvoice2.yaml").exists():
             parts = read_official_folder(folder)
@@ -145,7 +151,7 @@ class CosyVoice2:
         else:
             raise FileNotFoundError(f"{folder} is not a CosyVoice 2 folder: expected cosyvoice2.yaml (official "
                                     "CosyVoice2-0.5B) or minicosy.json (a minicosy checkpoint folder)")
-        return cls(**parts, device=device, dtype=dtype, model_dir=folder)
+        return cls(**parts, device=device, dtype=dtype, model_dir=folder, hift_dtype=hift_dtype)
 
     # ---- speakers ----------------------------------------------------------------------------
     def list_available_spks(self) -> list[str]:
@@ -246,8 +252,12 @@ class CosyVoice2:
         return self.hift.inference(mel.float().to(self.device), generator=generator)[0][0].cpu().numpy()
 
     def _run(self, tts_text: str | Iterable[str], text_frontend: bool, make, stream: bool, speed: float,
-             start: float, seed: int | None = None, incremental: bool = False) -> Iterator[dict]:
-        seed = check_request(speed, seed, stream, incremental)
+             start: float, seed: int | None = None, incremental: bool = False,
+             static_cache: bool = False) -> Iterator[dict]:
+        seed = check_request(speed, seed, stream, incremental, static_cache)
+        if static_cache and not isinstance(tts_text, str):
+            raise ValueError("static_cache needs the whole text in advance (its length sizes the KV cache); "
+                             "text-in streaming (an iterable of str) decodes with the growing cache")
         if stream and speed != 1.0:
             raise ValueError("speed != 1 works with stream=False only (the official code asserts the same)")
         if isinstance(tts_text, (bytes, bytearray, dict)) or not isinstance(tts_text, (str, Iterable)):
@@ -265,12 +275,13 @@ class CosyVoice2:
         generators = [torch.Generator(self.device).manual_seed(seed + k) if seed is not None else None for k in (0, 1)]
         clock = _Clock(start, time.perf_counter() - start)    # one clock per request: sentences add up
         for i, text in enumerate(texts):
-            yield from self._tts(make(text), clock, i, stream, speed, generators, incremental)
+            yield from self._tts(make(text), clock, i, stream, speed, generators, incremental, bool(static_cache))
 
     def _tts(self, req: Request, clock: _Clock, sentence: int, stream: bool, speed: float,
-             generators: list[torch.Generator | None], incremental: bool) -> Iterator[dict]:
+             generators: list[torch.Generator | None], incremental: bool, static_cache: bool) -> Iterator[dict]:
         lm_gen, voc_gen = generators
-        lm_tokens = (self.lm.inference(req.text, req.lm_prompt_text, req.lm_prompt_speech[0], generator=lm_gen)
+        lm_tokens = (self.lm.inference(req.text, req.lm_prompt_text, req.lm_prompt_speech[0], generator=lm_gen,
+                                       static_cache=static_cache)
                      if isinstance(req.text, list) else
                      self.lm.inference_bistream(req.text, req.lm_prompt_text, req.lm_prompt_speech[0], generator=lm_gen))
         tokens: list[int] = []
@@ -324,16 +335,17 @@ MAX_PIECE_IDS = 200         # text ids per LM request: a longer piece (one huge 
 SPEED_RANGE = (0.5, 2.0)    # `speed` stretches the mel (offline only): beyond these it is no longer speech
 
 
-def check_request(speed: float, seed: int | None, stream: bool, incremental: bool) -> int | None:
+def check_request(speed: float, seed: int | None, stream: bool, incremental: bool,
+                  static_cache: bool = False) -> int | None:
     """Validate a request's options before any work; returns the seed as a Python int. ``speed``
     must be a real number in :data:`SPEED_RANGE`, ``seed`` an integer (any integer type) or None,
-    ``stream`` and ``incremental`` booleans."""
+    ``stream``, ``incremental`` and ``static_cache`` booleans."""
     if isinstance(speed, (bool, np.bool_)) or not isinstance(speed, numbers.Real) or not math.isfinite(speed) \
             or not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
         raise ValueError(f"speed must be a number from {SPEED_RANGE[0]} to {SPEED_RANGE[1]}, got {speed!r}")
     if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"seed must be an integer or None, got {seed!r}")
-    for name, flag in (("stream", stream), ("incremental", incremental)):
+    for name, flag in (("stream", stream), ("incremental", incremental), ("static_cache", static_cache)):
         if not isinstance(flag, (bool, np.bool_)):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     return None if seed is None else int(seed)

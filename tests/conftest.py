@@ -14,6 +14,16 @@ SHARED_DATA = SHARED / "data"
 CORPUS = ROOT / "data" / "corpus"
 
 
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` (not a package) as a module, e.g. to call its ``main(argv)``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def need(path: Path, what: str) -> Path:
     """Skip (with the reason) where optional reference material is absent, e.g. a user's clone."""
     if not path.exists():

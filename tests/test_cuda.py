@@ -9,6 +9,8 @@ from minicosy.flow import FlowStreamer
 from minicosy.pipeline import CosyVoice2
 from minicosy.train import TrainConfig, to_device, train_loop
 
+from .conftest import load_benchmark
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
@@ -54,6 +56,31 @@ def test_pipeline_runs_on_the_gpu(tiny, stream):
     speech = torch.cat([o["tts_speech"] for o in outs], dim=1)
     assert speech.device.type == "cpu" and speech.shape[1] > 2400 and torch.isfinite(speech).all()
 
+
+@torch.inference_mode()
+def test_the_captured_decode_step_gives_the_eager_log_probs(tiny):
+    """The static cache with the step compiled in "reduce-overhead" mode (one CUDA graph per step)."""
+    lm = tiny[1].lm
+    rows = torch.randn(1, 40, lm.cfg.hidden_size, generator=torch.Generator().manual_seed(2)).cuda()
+    eager, cache = lm.step(rows)
+    static = lm.llm.static_cache(rows.shape[1] + 8)
+    lm.step(rows, static)
+    lm.compile_decode_step()
+    try:
+        for token in range(100, 108):
+            row = lm.speech_embedding.weight[token].reshape(1, 1, -1)
+            eager, cache = lm.step(row, cache)
+            torch.testing.assert_close(lm.static_step(row, static), eager, atol=1e-3, rtol=0)
+    finally:
+        lm._compiled_step = None
+
+
+def test_first_package_with_every_speed_up_runs_on_the_gpu(tmp_path):
+    results = load_benchmark("first_package").main([
+        "--device", "cuda", "--requests", "3", "--warmup", "2", "--registered", "--incremental", "--static-cache",
+        "--compile", "--dtype", "bf16", "--hift-dtype", "bf16", "--json", str(tmp_path / "first_package.json")])
+    assert results["device"] == torch.cuda.get_device_name() and results["stages"]["first_package_s"]["n"] == 3
+    assert results["parity"]["lm_kl"] < 1e-3 and results["parity"]["audio_rms_rel"] < 0.1
 
 def test_training_steps_run_on_the_gpu_and_hand_the_model_back():
     model = torch.nn.Linear(4, 1)

@@ -145,6 +145,49 @@ def test_golden_greedy_inference(golden_lm, fx):
             golden_lm.llm_decoder.bias[EOS] -= 1000
 
 
+
+def test_static_cache_gives_the_dynamic_logits_and_tokens(golden_lm, fx):
+    """The pre-allocated KV cache (every step attends over all its rows, the unused ones masked)
+    changes only the summation: log-probs within 1e-5 of the dynamic cache's, the same tokens."""
+    rows = fx["lm_input"]
+    forced = [golden_lm.speech_embedding.weight[t].reshape(1, 1, -1) for t in fx["kv_forced_tokens"]]
+    dynamic, cache = golden_lm.step(rows)
+    static_cache = golden_lm.llm.static_cache(rows.shape[1] + len(forced))
+    static, _ = golden_lm.step(rows, static_cache)
+    dynamic, static = [dynamic], [static]
+    for row in forced:
+        logp, cache = golden_lm.step(row, cache)
+        dynamic.append(logp)
+        static.append(golden_lm.static_step(row, static_cache))
+    torch.testing.assert_close(torch.stack(static), torch.stack(dynamic), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(static), fx["kv_step_logp"], atol=1e-5, rtol=0)
+    kw = dict(sampling="greedy", min_token_text_ratio=1, max_token_text_ratio=3)
+    args = fx["text"], fx["prompt_text"], fx["prompt_speech_token"]
+    assert list(golden_lm.inference(*args, **kw, static_cache=True)) == fx["greedy_inference_tokens"].tolist()
+    sample = lambda static: list(golden_lm.inference(*args, generator=torch.Generator().manual_seed(3),
+                                                     max_token_text_ratio=3, static_cache=static))
+    assert sample(True) == sample(False)
+    with pytest.raises(ValueError, match="static_cache must be"):
+        golden_lm.inference(*args, static_cache="yes")
+
+
+def test_compiled_decode_step_is_traced_once_and_gives_the_same_tokens(golden_lm, fx):
+    """torch.compile's tracing (the eager backend: the compiler itself is exercised by the GPU
+    benchmark) over the static cache: one graph, reused by every step, same greedy tokens."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    kw = dict(sampling="greedy", min_token_text_ratio=1, max_token_text_ratio=3, static_cache=True)
+    args = fx["text"], fx["prompt_text"], fx["prompt_speech_token"]
+    golden_lm.compile_decode_step(backend="eager")
+    try:
+        for _ in range(2):
+            assert list(golden_lm.inference(*args, **kw)) == fx["greedy_inference_tokens"].tolist()
+    finally:
+        golden_lm._compiled_step = None
+    assert counters["stats"]["unique_graphs"] == 1
+
 def test_golden_ras_sampling(fx):
     logp = fx["ras_demo_logp"]
     assert torch.equal(nucleus_candidates(logp)[0], fx["ras_demo_nucleus_candidates"])

@@ -30,6 +30,14 @@ def prompt(corpus_root) -> tuple[str, str]:
     return str(corpus_root / rec["path"]), rec["text"]
 
 
+@pytest.fixture(scope="module")
+def vowel() -> tuple[tuple[np.ndarray, int], str]:
+    """A corpus-free prompt: 3 s of a modulated 140 Hz tone at 24 kHz, with a made-up transcript."""
+    t = np.arange(24000 * 3) / 24000
+    wav = 0.3 * np.sin(2 * np.pi * 140 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return (wav.astype(np.float32), 24000), "Hello there."
+
+
 def _audio(outputs: list[dict]) -> torch.Tensor:
     return torch.cat([o["tts_speech"] for o in outputs], dim=1)
 
@@ -247,6 +255,29 @@ def test_half_precision_and_devices(prompt):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             CosyVoice2.from_pretrained("tiny", device="cuda")
+
+
+def test_static_cache_requests_give_the_same_speech(tts, vowel):
+    wav, text = vowel
+    for stream in (False, True):
+        run = lambda static: _audio(list(tts.inference_zero_shot(TEXT, text, wav, seed=3, stream=stream,
+                                                                 static_cache=static)))
+        assert torch.equal(run(True), run(False))
+    with pytest.raises(ValueError, match="static_cache must be"):
+        next(tts.inference_cross_lingual(TEXT, wav, static_cache="yes"))
+    with pytest.raises(ValueError, match="static_cache needs the whole text"):
+        next(tts.inference_cross_lingual(iter([TEXT]), wav, static_cache=True))
+
+
+def test_half_precision_vocoder_convolutions(vowel):
+    wav, text = vowel
+    halves = CosyVoice2.from_pretrained("tiny", hift_dtype="bf16")     # convolutions only
+    assert halves.hift.conv_pre.bias.dtype == torch.bfloat16 and halves.hift.m_source.l_linear.weight.dtype == torch.float32
+    assert halves.hift.stft_window.dtype == torch.float32
+    speech = _audio(list(halves.inference_zero_shot(TEXT, text, wav, seed=0, stream=True)))
+    assert speech.dtype == torch.float32 and speech.shape[1] > 0 and torch.isfinite(speech).all()
+    with pytest.raises(ValueError, match="dtype must be"):
+        CosyVoice2.from_pretrained("tiny", hift_dtype="int8")
 
 
 def test_registered_speakers_survive_save_spkinfo(tts, prompt, tmp_path):

@@ -139,6 +139,22 @@ def test_a_yaml_field_of_the_wrong_kind_is_named(tmp_path):
         config_from_yaml(folder / "cosyvoice2.yaml")
 
 
+
+@pytest.mark.parametrize("preset", ["tiny", "cosyvoice2_0p5b"])
+def test_the_written_yaml_gives_back_every_size(tmp_path, preset):
+    """``yaml_text`` carries every size minicosy reads, the chunk size too (its own top-level key,
+    as in the official recipe: not the token rate, which equals it only at 25)."""
+    import dataclasses
+
+    from minicosy.config import get_config
+    from minicosy.official import config_from_yaml, yaml_text
+
+    cfg = get_config(preset)
+    cfg.flow = dataclasses.replace(cfg.flow, static_chunk_tokens=5)
+    (tmp_path / "cosyvoice2.yaml").write_text(yaml_text(cfg))
+    back = config_from_yaml(tmp_path / "cosyvoice2.yaml")
+    assert back.flow == cfg.flow and back.hift == cfg.hift
+
 def test_an_invalid_qwen_config_json_is_named(tmp_path):
     from minicosy.lm import lm_config_from_qwen_folder
 
