@@ -37,6 +37,10 @@ from .speech_tokenizer import SpeechTokenizer
 from .text_tokenizer import load_text_tokenizer
 
 TINY_DIR = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
+# The project's own checkpoint folders by name: "tiny", the first tiny chain (BPE text, 6561 codes,
+# 1.4 h of speech), and "tiny-phone", the same sizes retrained on the large corpus with reading
+# units as text and 729 speech codes (issue 20: the tiny model that speaks)
+TINY_MODELS = {"tiny": TINY_DIR, "tiny-phone": TINY_DIR / "tiny_phone"}
 
 
 @dataclass
@@ -137,13 +141,14 @@ class CosyVoice2:
                         dtype: torch.dtype | None = None, hift_dtype: torch.dtype | None = None) -> "CosyVoice2":
         """An official CosyVoice2-0.5B folder (``cosyvoice2.yaml``, ``llm.pt``, ``flow.pt``,
         ``hift.pt``, ``CosyVoice-BlankEN/``, ``campplus.onnx``, ``speech_tokenizer_v2.onnx``) or a
-        minicosy checkpoint folder (``minicosy.json``); ``"tiny"`` is the one in ``data/checkpoints``.
+        minicosy checkpoint folder (``minicosy.json``); ``"tiny"`` and ``"tiny-phone"`` name the project's
+        own (:data:`TINY_MODELS`).
         ``device`` defaults to CPU; ``dtype`` (e.g. ``torch.float16``) applies to the LM and flow,
         ``hift_dtype`` to HiFT's convolutions."""
         from .official import read_official_folder
 
         device, dtype, hift_dtype = _check_device(device), _check_dtype(dtype), _check_dtype(hift_dtype)
-        folder = TINY_DIR if str(path) == "tiny" else resolve_model_folder(path)
+        folder = TINY_MODELS.get(str(path)) or resolve_model_folder(path)
         if (folder / "cosyvoice2.yaml").exists():
             parts = read_official_folder(folder)
         elif (folder / "minicosy.json").exists():
