@@ -237,12 +237,15 @@ def stream_total(flow, device, incremental: bool, n_tokens: int = 250) -> dict[s
     prompt = torch.randint(0, 6561, (1, 75), generator=g).to(device), torch.randn(1, 150, 80, generator=g).to(device)
     emb, token = torch.randn(1, 192, generator=g).to(device), torch.randint(0, 6561, (1, n_tokens), generator=g).to(device)
     s = FlowStreamer(flow, *prompt, emb, incremental=incremental)
-    t = time.perf_counter()
-    frames = 0
-    while token.shape[1] >= s.needed:
-        frames += s.chunk(token).shape[2]
-    frames += s.finish(token).shape[2]
-    return {"seconds": time.perf_counter() - t, "frames": frames, "cache_MB": s.cache_bytes() / 2**20}
+
+    def stream() -> int:
+        frames = 0
+        while token.shape[1] >= s.needed:
+            frames += s.chunk(token).shape[2]
+        return frames + s.finish(token).shape[2]
+
+    seconds, frames = clock(stream, synchronizer(device))
+    return {"seconds": seconds, "frames": frames, "cache_MB": s.cache_bytes() / 2**20}
 
 
 def tiny_end_to_end(device: torch.device) -> dict:
