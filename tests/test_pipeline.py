@@ -13,7 +13,7 @@ from minicosy.data import load_manifest
 from minicosy.frontend import Frontend
 from minicosy.hift import VocoderStream
 from minicosy.official import read_yaml, write_official_folder
-from minicosy.pipeline import TINY_DIR, CosyVoice2, eq11_latency, join_speech
+from minicosy.pipeline import TINY_DIR, CosyVoice2, eq11_latency
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TEXT = "The weather is nice today, so we walk to the park."
@@ -418,5 +418,5 @@ def test_the_phone_chain_loads_by_name_and_speaks(vowel):
     assert codes == 729 and tts.lm.cfg.speech_token_size == codes and tts.flow.cfg.vocab_size == codes
     assert "AH" in tts.frontend.text_tokenizer.vocab          # phones, not BPE pieces
     (wav, sr), prompt_text = vowel
-    out = join_speech(tts.inference_zero_shot(TEXT, prompt_text, (wav, sr), seed=0))[0]
+    out = _audio(list(tts.inference_zero_shot(TEXT, prompt_text, (wav, sr), seed=0)))[0]
     assert out.numel() > tts.sample_rate and torch.isfinite(out).all() and out.abs().max() > 1e-3
