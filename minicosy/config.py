@@ -88,7 +88,7 @@ class LMConfig:
     speech_token_size: int = 6561     # = (2K+1)^D speech codes
     sos_id: int = 0                   # rows of the 2-row llm_embedding
     task_id: int = 1
-    mix_ratio: tuple[int, int] = (5, 15)  # N text : M speech in the streaming layout
+    mix_ratio: tuple[int, int] = (5, 15)  # N text : M speech in the streaming layout (see UNIT_MIX_RATIO)
     min_token_text_ratio: float = 2.0     # generated speech tokens per text id, at least ...
     max_token_text_ratio: float = 20.0    # ... and at most (§2.3's decoding bounds; see UNIT_TOKEN_TEXT_RATIO)
     top_p: float = 0.8                # RAS sampling
@@ -116,13 +116,22 @@ class LMConfig:
 # minimum of 2 would force the LM past its end of speech (tests/test_lm.py checks the bounds there).
 UNIT_TOKEN_TEXT_RATIO = {"bpe": (2.0, 20.0), "phone": (1.0, 6.0)}
 
+# The streaming (bistream) layout's N text : M speech (§2.3) belongs to the text units too. Training
+# uses it only for an utterance whose speech/text ratio exceeds M/N (official rule): then the text
+# read so far stays ahead of the speech. The paper's 5:15 suits BPE (3 tokens per id); a reading
+# unit spans a median 1.64 tokens (large corpus), so 5:15 would put 2% of its utterances (the
+# Chinese and Japanese ones) in the layout and leave English streaming untrained. 12:15 keeps the
+# paper's M and admits 99.5% of them, the text 12 units ahead per 15 tokens (about 9 units' worth).
+UNIT_MIX_RATIO = {"bpe": (5, 15), "phone": (12, 15)}
+
 
 def lm_for_units(lm: LMConfig, units: str) -> LMConfig:
-    """``lm`` with the length bounds of text ``units`` (:data:`UNIT_TOKEN_TEXT_RATIO`)."""
+    """``lm`` with the length bounds (:data:`UNIT_TOKEN_TEXT_RATIO`) and the streaming mix ratio
+    (:data:`UNIT_MIX_RATIO`) of text ``units``."""
     if units not in UNIT_TOKEN_TEXT_RATIO:
         raise ValueError(f"text units must be one of {sorted(UNIT_TOKEN_TEXT_RATIO)}, got {units!r}")
     low, high = UNIT_TOKEN_TEXT_RATIO[units]
-    return replace(lm, min_token_text_ratio=low, max_token_text_ratio=high)
+    return replace(lm, min_token_text_ratio=low, max_token_text_ratio=high, mix_ratio=UNIT_MIX_RATIO[units])
 
 
 @dataclass

@@ -417,14 +417,20 @@ def f0_track(wav: np.ndarray, cfg: FeatureConfig = FeatureConfig(), fmin: float 
     return np.pad(f0, (0, max(0, n - len(f0))))[:n].astype(np.float32)
 
 
-def corpus_f0(corpus_root: str | Path, split: str) -> list[dict]:
-    """Manifest records of a split with their F0 targets (:func:`f0_track`), cached as
+def corpus_f0(corpus_root: str | Path, split: str, utterances: int | None = None, seed: int = 0) -> list[dict]:
+    """Manifest records of a split (or a seeded sample of ``utterances`` of them, for a corpus too
+    large to track in full) with their F0 targets (:func:`f0_track`), cached per utterance in
     ``<corpus>/cache/f0_<split>.pt``."""
     records = load_manifest(corpus_root, split)
+    if utterances is not None and utterances < len(records):
+        keep = np.random.default_rng(seed).choice(len(records), utterances, replace=False)
+        records = [records[i] for i in sorted(keep)]
     cache = Path(corpus_root) / "cache" / f"f0_{split}.pt"
     f0s = torch.load(cache, weights_only=True) if cache.exists() else {}
-    if set(f0s) != {r["id"] for r in records}:
-        f0s = {r["id"]: torch.from_numpy(f0_track(load_wav(Path(corpus_root) / r["path"])[0])) for r in records}
+    missing = [r for r in records if r["id"] not in f0s]
+    if missing:
+        for r in tqdm(missing, desc=f"F0 of {split}", disable=not is_main_process() or len(missing) < 100):
+            f0s[r["id"]] = torch.from_numpy(f0_track(load_wav(Path(corpus_root) / r["path"])[0]))
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(f0s, cache)
     return [{**r, "f0": f0s[r["id"]]} for r in records]
@@ -526,19 +532,20 @@ def generator_adversarial_loss(real: list, fake: list) -> tuple[torch.Tensor, to
 def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", minutes: float = 15.0,
                gan_after: float = 0.5, out: str | Path | None = None, batch_size: int = 8, seed: int = 0,
                threads: int = 2, init: str | Path | None = None, input_mels: dict[str, torch.Tensor] | None = None,
-               input_name: str = "flow mel (fmax 8000)") -> tuple[HiFTGenerator, TrainLog]:
+               input_name: str = "flow mel (fmax 8000)", utterances: int | None = None
+               ) -> tuple[HiFTGenerator, TrainLog]:
     """Train HiFT on the corpus' train split: 45·mel L1 + MR-STFT + F0 L1 (Hz/100) throughout, LSGAN
     + 2·feature matching once ``gan_after`` of the time budget has passed; AdamW (0.8, 0.99), warm-up
     + cosine. From scratch or from the generator checkpoint ``init``; on the recordings' mels or on
     ``input_mels`` (per utterance id, e.g. the flow's ground-truth-aligned mels; ``input_name`` goes
-    on the card). Saves the generator (float16) with its loss curve.
+    on the card); on all train utterances or a seeded sample of ``utterances``. Saves the generator (float16) with its loss curve.
 
     Under ``torchrun`` each rank takes its share of every step's batches and the two networks'
     gradients are averaged over ranks by hand (:func:`~minicosy.train.average_gradients`: the
     discriminator runs several times per step, which DistributedDataParallel's hooks do not allow)."""
     seed_everything(seed)
     torch.set_num_threads(threads)
-    records = corpus_f0(corpus_root, "train")
+    records = corpus_f0(corpus_root, "train", utterances, seed)
     gen, disc = HiFTGenerator(get_config(preset).hift), Discriminator()
     if init is not None:
         load_hift_state_dict(gen, load_checkpoint(init)["state_dict"])
@@ -592,7 +599,7 @@ def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", mi
         save_checkpoint(out, gen, asdict(gen.cfg), tcfg, log, steps=step,
                         recipe={"segment_frames": SEGMENT_FRAMES, "batch_size": batch_size, "gan_after": gan_after,
                                 "input_mel": input_name, "init": None if init is None else str(init), "loss_mel": "fmax None",
-                                "f0": "librosa.yin + RMS/ZCR voicing"})
+                                "f0": "librosa.yin + RMS/ZCR voicing", "utterances": len(records)})
     return gen, log
 
 
@@ -643,6 +650,8 @@ def train_main(argv: list[str] | None = None) -> None:
                                       "split instead of the recordings' mels")
     p.add_argument("--tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt", help="(with --gta-flow)")
     p.add_argument("--speaker-model", default="data/checkpoints/campplus_tiny.pt", help="(with --gta-flow)")
+    p.add_argument("--utterances", type=int, help="train on a seeded sample of this many train utterances (their "
+                                                   "F0 is tracked once and cached): for a large corpus")
     a = p.parse_args(argv)
     mels, name = None, "flow mel (fmax 8000)"
     if a.gta_flow:
@@ -650,7 +659,8 @@ def train_main(argv: list[str] | None = None) -> None:
         mels = gta_mels(a.corpus, a.gta_flow, a.tokenizer, a.speaker_model)
         name = f"ground-truth-aligned mels of {a.gta_flow} (train split; prompt: the next utterance of the voice)"
     model, _ = train_hift(a.corpus, minutes=a.minutes, gan_after=a.gan_after, out=a.out, seed=a.seed,
-                          threads=a.threads, init=a.init, input_mels=mels, input_name=name)
+                          threads=a.threads, init=a.init, input_mels=mels, input_name=name,
+                          utterances=a.utterances)
     if not is_main_process():
         return
     for name, m in compare_with_griffin_lim(model, [r["wav"] for r in heldout_audio(a.corpus)]).items():

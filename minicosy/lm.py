@@ -55,8 +55,8 @@ from .config import LMConfig, get_config, lm_for_units
 from .data import INSTRUCT_DIR, load_manifest
 from .lm_sampling import Sampler, greedy_sampling, ras_sampling
 from .text_tokenizer import TextTokenizer, UnitTokenizer, load_text_tokenizer
-from .train import (TrainConfig, load_state_dict_checked, model_from_checkpoint, read_torch_file, recipe_parser,
-                    save_checkpoint, seed_everything, state_file, train_loop)
+from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, model_from_checkpoint, read_torch_file,
+                    recipe_parser, save_checkpoint, seed_everything, state_file, train_loop)
 
 IGNORE_ID = -1  # target (and input padding) value that the loss skips
 Ids = torch.Tensor | list[int] | tuple[int, ...]
@@ -555,12 +555,17 @@ def unigram_perplexity(train: list[dict], held: list[dict], vocab: int = 6561) -
 
 
 def train_lm(train: list[dict], held: list[dict], cfg: LMConfig, text_vocab_size: int, tcfg: TrainConfig,
-             max_rows: int = 3000, out: str | Path | None = None) -> tuple[TextSpeechLM, dict]:
-    """Train a text-speech LM from scratch on both layouts (§2.3; the official coin flip per
-    utterance), evaluate on ``held`` and save a checkpoint with its card to ``out``. With
-    ``tcfg.validate_minutes`` the held-out perplexity picks the weights kept (early stopping)."""
+             max_rows: int = 3000, out: str | Path | None = None, init: str | Path | None = None
+             ) -> tuple[TextSpeechLM, dict]:
+    """Train a text-speech LM on both layouts (§2.3; the official coin flip per utterance), from
+    scratch or from the weights of the LM checkpoint ``init`` (same sizes; ``cfg`` may change what
+    is not a weight, e.g. the mix ratio), evaluate on ``held`` and save a checkpoint with its card
+    to ``out``. With ``tcfg.validate_minutes`` the held-out perplexity picks the weights kept
+    (early stopping)."""
     seed_everything(tcfg.seed)
     lm = TextSpeechLM(cfg, text_vocab_size)
+    if init is not None:
+        load_state_dict_checked(lm, load_checkpoint(init)["state_dict"], f"LM checkpoint {init} (--init)")
     coin, order = random.Random(tcfg.seed), random.Random(tcfg.seed + 1)
     log = train_loop(lm, lm_batches(train, max_rows, order), lambda b: lm(**b, rng=coin)["loss"], tcfg,
                      desc="text-speech LM", validate=lambda: evaluate_lm(lm, held)["perplexity"])
@@ -575,7 +580,8 @@ def train_lm(train: list[dict], held: list[dict], cfg: LMConfig, text_vocab_size
               f"over {m['tokens']} speech tokens")
     print(f"unigram baseline perplexity {metrics['unigram_perplexity']:.1f}; trained {log.seconds / 60:.1f} min")
     if out is not None:
-        save_checkpoint(out, lm, lm.model_config(), tcfg, log, metrics=metrics)
+        save_checkpoint(out, lm, lm.model_config(), tcfg, log, metrics=metrics,
+                        **({} if init is None else {"init": str(init)}))
     return lm, metrics
 
 
@@ -595,6 +601,7 @@ def train_main(argv: list[str] | None = None) -> None:
     p.add_argument("--instruct-repeat", type=int, default=2, help="times each instruct example is seen per epoch")
     p.add_argument("--augmented-copies", type=int, default=0,
                    help="add this many copies of the train split tokenised from tempo/VTLP-augmented audio")
+    p.add_argument("--init", help="start from this LM checkpoint's weights (same sizes) instead of at random")
     a = p.parse_args(argv)
     threads = a.threads
     torch.set_num_threads(threads)
@@ -616,4 +623,4 @@ def train_main(argv: list[str] | None = None) -> None:
 
     codes = SpeechTokenizer.from_checkpoint(a.speech_tokenizer).codebook_size
     cfg = lm_for_units(get_config(a.preset).lm, "phone" if isinstance(tok, UnitTokenizer) else "bpe")
-    train_lm(train, held, dataclasses.replace(cfg, speech_token_size=codes), len(tok), tcfg, a.max_rows, a.out)
+    train_lm(train, held, dataclasses.replace(cfg, speech_token_size=codes), len(tok), tcfg, a.max_rows, a.out, a.init)

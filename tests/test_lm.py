@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from minicosy.config import UNIT_TOKEN_TEXT_RATIO, LMConfig, get_config, lm_for_units
+from minicosy.config import UNIT_MIX_RATIO, UNIT_TOKEN_TEXT_RATIO, LMConfig, get_config, lm_for_units
 from minicosy.lm import IGNORE_ID, TextSpeechLM, lm_accuracy, lm_loss, load_official_llm
 from minicosy.lm_sampling import greedy_sampling, nucleus_candidates, ras_sampling
 
@@ -379,7 +379,9 @@ def test_streaming_decode_has_the_same_minimum_length():
 def test_length_bounds_fit_the_corpus_for_each_kind_of_text_unit(corpus_root, units, folder):
     """Every utterance's speech length (25 Hz) lies within the LM's decoding bounds for its text
     units: a minimum above the data would force the LM to speak past its end (the BPE minimum of
-    2 tokens per id is above most phone-unit utterances)."""
+    2 tokens per id is above most phone-unit utterances). And the streaming layout's mix ratio
+    admits nearly every utterance to bistream training (speech/text > M/N, the official rule),
+    where the paper's 5:15 would admit no phone-unit English utterance at all."""
     from minicosy.data import load_manifest
     from minicosy.text_tokenizer import load_text_tokenizer
 
@@ -390,7 +392,11 @@ def test_length_bounds_fit_the_corpus_for_each_kind_of_text_unit(corpus_root, un
     assert len(ratios) > 100 and low <= min(ratios) and max(ratios) <= high
     if units == "phone":
         assert sum(x < UNIT_TOKEN_TEXT_RATIO["bpe"][0] for x in ratios) > len(ratios) / 2
+    n, m = UNIT_MIX_RATIO[units]
+    assert sum(x > m / n for x in ratios) > 0.9 * len(ratios)
+    if units == "phone":
+        assert sum(x > 15 / 5 for x in ratios) < 0.05 * len(ratios)
     cfg = lm_for_units(get_config("tiny").lm, units)
-    assert (cfg.min_token_text_ratio, cfg.max_token_text_ratio) == (low, high)
+    assert (cfg.min_token_text_ratio, cfg.max_token_text_ratio, cfg.mix_ratio) == (low, high, (n, m))
     with pytest.raises(ValueError, match="text units"):
         lm_for_units(cfg, "letters")

@@ -2,6 +2,7 @@
 import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -91,6 +92,23 @@ def test_a_few_steps_learn_and_the_checkpoint_round_trips(tmp_path):
     torch.testing.assert_close(loaded(**batch, bistream=False)["logits"], lm(**batch, bistream=False)["logits"])
     gen = [list(m.inference([1, 2, 3], sampling="greedy", max_token_text_ratio=3)) for m in (lm, loaded)]
     assert gen[0] == gen[1]
+
+
+def test_init_starts_from_a_checkpoint_and_may_change_the_mix_ratio(tmp_path):
+    """``train_lm(init=...)`` (``train lm --init``) starts from the checkpoint's weights: zero steps
+    keep them exactly (a new mix ratio is no weight); a checkpoint of other sizes is a ValueError."""
+    train, held = _examples(12), _examples(4, seed=1)
+    train_lm(train, held, TINY, 100, TrainConfig(max_steps=5, warmup_steps=1, threads=1), max_rows=400,
+             out=tmp_path / "a.pt")
+    mixed = replace(TINY, mix_ratio=(2, 3))
+    lm, _ = train_lm(train, held, mixed, 100, TrainConfig(max_steps=0, threads=1), max_rows=400,
+                     out=tmp_path / "b.pt", init=tmp_path / "a.pt")
+    first = TextSpeechLM.from_checkpoint(tmp_path / "a.pt")
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in lm.state_dict().items())
+    card = json.loads((tmp_path / "b.json").read_text())
+    assert card["init"] == str(tmp_path / "a.pt") and card["model_config"]["cfg"]["mix_ratio"] == [2, 3]
+    with pytest.raises(ValueError, match="--init"):
+        train_lm(train, held, TINY, 120, TrainConfig(max_steps=0, threads=1), init=tmp_path / "a.pt")
 
 
 def test_recipe_runs_through_the_train_cli(tmp_path, monkeypatch):

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from minicosy.audio import mel_spectrogram
 from minicosy.campplus import AAMSoftmax, CAMPPlus, corpus_fbanks, embed_records, random_crops
 from minicosy.config import get_config
-from minicosy.hift import (Discriminator, HiFTGenerator, compare_with_griffin_lim, discriminator_loss, f0_track,
-                           generator_adversarial_loss, griffin_lim, heldout_audio, mel_l1, mr_stft_distance,
-                           random_segments)
+from minicosy.hift import (Discriminator, HiFTGenerator, compare_with_griffin_lim, corpus_f0, discriminator_loss,
+                           f0_track, generator_adversarial_loss, griffin_lim, heldout_audio, mel_l1,
+                           mr_stft_distance, random_segments)
 from minicosy.train import TrainConfig, TrainLog, save_checkpoint
 
 from .conftest import ROOT
@@ -154,6 +154,25 @@ def test_segments_take_the_given_input_mels_at_the_waveform_frames(tmp_path):
             # the input mel describes the waveform segment it comes with (edge frames aside)
             own = mel_spectrogram(segment)
             torch.testing.assert_close(mel[:, :, 2:-2], own[:, :, 2:-2], atol=0.05, rtol=0)
+
+
+def test_corpus_f0_tracks_a_seeded_sample_once_and_caches_it(tmp_path):
+    """``train hift --utterances N``: a seeded sample of the split, its F0 tracked and cached per
+    utterance, so the full split later tracks only the rest."""
+    import json
+
+    lines = []
+    for i, f0 in enumerate((120.0, 180.0, 240.0, 300.0)):
+        sf.write(tmp_path / f"u{i}.wav", tone(f0, 0.5), SR)
+        lines.append(json.dumps({"id": f"u{i}", "path": f"u{i}.wav", "split": "train", "text": "x"}))
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    some = corpus_f0(tmp_path, "train", utterances=2, seed=3)
+    assert [r["id"] for r in some] == [r["id"] for r in corpus_f0(tmp_path, "train", utterances=2, seed=3)]
+    assert len(some) == 2 and len(torch.load(tmp_path / "cache" / "f0_train.pt", weights_only=True)) == 2
+    for r in some:
+        assert np.median(r["f0"][r["f0"] > 0]) == pytest.approx(60.0 * (int(r["id"][1]) + 2), rel=0.05)
+    assert [r["id"] for r in corpus_f0(tmp_path, "train")] == ["u0", "u1", "u2", "u3"]
+    assert len(torch.load(tmp_path / "cache" / "f0_train.pt", weights_only=True)) == 4
 
 
 def test_hift_checkpoint_round_trip(tmp_path):
