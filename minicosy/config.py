@@ -95,6 +95,7 @@ class LMConfig:
     top_k: int = 25
     win_size: int = 10
     tau_r: float = 0.1
+    align_ctc_weight: float = 0.0     # training-only alignment aid (lm_align.py); 0: the paper's loss alone
 
     @property
     def eos_id(self) -> int:

@@ -11,7 +11,8 @@ and predicts the next speech token with ``llm_decoder`` (Linear H -> 6564) on th
 state after Qwen's final RMSNorm. Qwen's ``lm_head`` exists only so the official ``llm.pt``
 loads strictly; it is never evaluated. There is no speaker embedding (§2.3).
 
-Sequences (§2.3 and the official ``prepare_lm_input_target``), N:M = 5:15:
+Sequences (§2.3 and the official ``prepare_lm_input_target``), N:M = 5:15 (the paper's, for BPE; reading
+units use 12:15, ``config.UNIT_MIX_RATIO``):
 
 * unistream:  sos, text, task_id, speech            targets (1+len(text)) x ignore, speech, EOS
 * bistream:   sos, [5 text, 15 speech]*, rest text, task_id, rest speech
@@ -53,6 +54,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model, StaticCache
 
 from .config import LMConfig, get_config, lm_for_units
 from .data import INSTRUCT_DIR, load_manifest
+from .lm_align import AlignmentHead
 from .lm_sampling import Sampler, greedy_sampling, ras_sampling
 from .text_tokenizer import TextTokenizer, UnitTokenizer, load_text_tokenizer
 from .train import (TrainConfig, load_checkpoint, load_state_dict_checked, model_from_checkpoint, read_torch_file,
@@ -142,6 +144,8 @@ class TextSpeechLM(nn.Module):
         self.llm = Qwen2Backbone(qwen2_config(cfg, text_vocab_size))
         self.llm_decoder = nn.Linear(cfg.hidden_size, n_out)
         self.speech_embedding = nn.Embedding(n_out, cfg.hidden_size)
+        # training-only alignment aid (minicosy.lm_align), absent in the paper's recipe and in llm.pt
+        self.align_head = AlignmentHead(cfg.hidden_size, text_vocab_size) if cfg.align_ctc_weight > 0 else None
         self._compiled_step = None     # set by compile_decode_step
 
     @classmethod
@@ -191,24 +195,36 @@ class TextSpeechLM(nn.Module):
         return self.llm_embedding.weight[index][None]
 
     # ----- training ---------------------------------------------------------------------------
-    def _layout(self, text: torch.Tensor, speech: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input rows and targets of one utterance with ``groups`` leading [N text, M speech] groups
-        (0 groups = the unistream sequence)."""
+    def _layout(self, text: torch.Tensor, speech: torch.Tensor, groups: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input rows, targets and a speech-row mask of one utterance with ``groups`` leading
+        [N text, M speech] groups (0 groups = the unistream sequence)."""
         (n, m), fill, eos = self.cfg.mix_ratio, self.cfg.fill_id, self.cfg.eos_id
         text_emb, speech_emb = self.embed_text(text), self.embed_speech(speech)
-        rows, target = [self._special(self.cfg.sos_id)], [IGNORE_ID]
+        rows, target, kinds = [self._special(self.cfg.sos_id)], [IGNORE_ID], [False]
         for j in range(groups):
             rows += [text_emb[j * n:(j + 1) * n], speech_emb[j * m:(j + 1) * m]]
             target += [IGNORE_ID] * (n - 1) + speech[j * m:(j + 1) * m].tolist() + [fill]
+            kinds += [False, True]
         rows += [text_emb[groups * n:], self._special(self.cfg.task_id), speech_emb[groups * m:]]
         target += [IGNORE_ID] * (len(text) - groups * n) + speech[groups * m:].tolist() + [eos]
-        return torch.cat(rows), torch.tensor(target, dtype=torch.long, device=rows[0].device)
+        kinds += [False, False, True]
+        is_speech = torch.cat([torch.full((len(r),), kind, dtype=torch.bool) for r, kind in zip(rows, kinds)])
+        return torch.cat(rows), torch.tensor(target, dtype=torch.long, device=rows[0].device), is_speech
 
     def prepare_lm_input_target(self, text_token: torch.Tensor, text_token_len: torch.Tensor,
                                 speech_token: torch.Tensor, speech_token_len: torch.Tensor,
                                 rng: random.Random | torch.Generator | None = None,
                                 bistream: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Padded training batch ``(lm_target (B,L), lm_input (B,L,H), lm_input_len (B,))``.
+        """Padded training batch ``(lm_target (B,L), lm_input (B,L,H), lm_input_len (B,))`` (see
+        :meth:`_batch`)."""
+        return self._batch(text_token, text_token_len, speech_token, speech_token_len, rng, bistream)[:3]
+
+    def _batch(self, text_token: torch.Tensor, text_token_len: torch.Tensor, speech_token: torch.Tensor,
+               speech_token_len: torch.Tensor, rng: random.Random | torch.Generator | None = None,
+               bistream: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]:
+        """Padded training batch ``(lm_target (B,L), lm_input (B,L,H), lm_input_len (B,))``, the
+        speech-row mask (B, L) and the utterances' text ids (for :mod:`minicosy.lm_align`).
 
         Per utterance the bistream layout is used when a coin flip is < 0.5 AND
         speech_len/text_len > M/N (official rule). The coin comes from ``rng`` (a
@@ -217,27 +233,37 @@ class TextSpeechLM(nn.Module):
         -1.0 and targets with -1 (IGNORE_ID), as official.
         """
         n, m = self.cfg.mix_ratio
-        targets, inputs = [], []
+        targets, inputs, speech_rows, texts = [], [], [], []
         for i in range(text_token.size(0)):
             text = self._ids(text_token[i, :int(text_token_len[i])], self.text_vocab_size, "text_token")
             speech = self._ids(speech_token[i, :int(speech_token_len[i])], self.cfg.speech_token_size, "speech_token")
             heads = _coin(rng) < 0.5 if bistream is None else bistream
             groups = len(text) // n if heads and len(speech) * n > len(text) * m else 0
-            rows, target = self._layout(text, speech, groups)
+            rows, target, is_speech = self._layout(text, speech, groups)
             inputs.append(rows)
             targets.append(target)
+            speech_rows.append(is_speech)
+            texts.append(text)
         lm_input_len = torch.tensor([len(r) for r in inputs], dtype=torch.int32)
         return (pad_sequence(targets, batch_first=True, padding_value=IGNORE_ID),
-                pad_sequence(inputs, batch_first=True, padding_value=IGNORE_ID), lm_input_len)
+                pad_sequence(inputs, batch_first=True, padding_value=IGNORE_ID), lm_input_len,
+                pad_sequence(speech_rows, batch_first=True, padding_value=False), texts)
 
     def forward(self, text_token: torch.Tensor, text_token_len: torch.Tensor, speech_token: torch.Tensor,
                 speech_token_len: torch.Tensor, rng: random.Random | torch.Generator | None = None,
                 bistream: bool | None = None) -> dict[str, torch.Tensor]:
-        """Training step (official ``Qwen2LM.forward``): ``{'loss', 'acc', 'logits', 'target'}``."""
-        target, lm_input, lm_input_len = self.prepare_lm_input_target(
+        """Training step (official ``Qwen2LM.forward``): ``{'loss', 'acc', 'logits', 'target'}``; with
+        ``cfg.align_ctc_weight`` > 0 also ``'align_ctc'`` (:mod:`minicosy.lm_align`), added to the
+        loss with that weight."""
+        target, lm_input, lm_input_len, speech_rows, texts = self._batch(
             text_token, text_token_len, speech_token, speech_token_len, rng, bistream)
-        logits = self.llm_decoder(self.llm(lm_input, lm_input_len))
-        return {"loss": lm_loss(logits, target), "acc": lm_accuracy(logits, target), "logits": logits, "target": target}
+        hidden = self.llm(lm_input, lm_input_len)
+        logits = self.llm_decoder(hidden)
+        out = {"loss": lm_loss(logits, target), "acc": lm_accuracy(logits, target), "logits": logits, "target": target}
+        if self.align_head is not None:
+            out["align_ctc"] = self.align_head.loss(hidden, speech_rows.to(hidden.device), texts)
+            out["loss"] = out["loss"] + self.cfg.align_ctc_weight * out["align_ctc"]
+        return out
 
     # ----- inference --------------------------------------------------------------------------
     def _logp(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -559,13 +585,15 @@ def train_lm(train: list[dict], held: list[dict], cfg: LMConfig, text_vocab_size
              ) -> tuple[TextSpeechLM, dict]:
     """Train a text-speech LM on both layouts (§2.3; the official coin flip per utterance), from
     scratch or from the weights of the LM checkpoint ``init`` (same sizes; ``cfg`` may change what
-    is not a weight, e.g. the mix ratio), evaluate on ``held`` and save a checkpoint with its card
-    to ``out``. With ``tcfg.validate_minutes`` the held-out perplexity picks the weights kept
-    (early stopping)."""
+    is not a weight, e.g. the mix ratio, and add or drop the alignment aid), evaluate on ``held``
+    and save a checkpoint with its card to ``out``. With ``tcfg.validate_minutes`` the held-out
+    perplexity picks the weights kept (early stopping)."""
     seed_everything(tcfg.seed)
     lm = TextSpeechLM(cfg, text_vocab_size)
-    if init is not None:
-        load_state_dict_checked(lm, load_checkpoint(init)["state_dict"], f"LM checkpoint {init} (--init)")
+    if init is not None:           # the alignment head (lm_align) starts afresh or is left out as needed
+        own = {k: v for k, v in lm.state_dict().items() if k.startswith("align_head.")}
+        state = {k: v for k, v in load_checkpoint(init)["state_dict"].items() if not k.startswith("align_head.") or own}
+        load_state_dict_checked(lm, {**own, **state}, f"LM checkpoint {init} (--init)")
     coin, order = random.Random(tcfg.seed), random.Random(tcfg.seed + 1)
     log = train_loop(lm, lm_batches(train, max_rows, order), lambda b: lm(**b, rng=coin)["loss"], tcfg,
                      desc="text-speech LM", validate=lambda: evaluate_lm(lm, held)["perplexity"])
@@ -602,7 +630,11 @@ def train_main(argv: list[str] | None = None) -> None:
     p.add_argument("--augmented-copies", type=int, default=0,
                    help="add this many copies of the train split tokenised from tempo/VTLP-augmented audio")
     p.add_argument("--init", help="start from this LM checkpoint's weights (same sizes) instead of at random")
+    p.add_argument("--align-ctc", type=float, default=0.0, help="weight of the training-only alignment aid "
+                   "(minicosy.lm_align: CTC reading the text back from the speech rows); 0: the paper's loss")
     a = p.parse_args(argv)
+    if a.align_ctc > 0 and not a.no_instruct:
+        raise ValueError("--align-ctc needs --no-instruct: an instruction is text the speech does not say")
     threads = a.threads
     torch.set_num_threads(threads)
     units = get_config(a.preset).text.units
@@ -622,5 +654,7 @@ def train_main(argv: list[str] | None = None) -> None:
     from .speech_tokenizer import SpeechTokenizer   # the speech vocabulary is the tokenizer's codebook
 
     codes = SpeechTokenizer.from_checkpoint(a.speech_tokenizer).codebook_size
-    cfg = lm_for_units(get_config(a.preset).lm, "phone" if isinstance(tok, UnitTokenizer) else "bpe")
-    train_lm(train, held, dataclasses.replace(cfg, speech_token_size=codes), len(tok), tcfg, a.max_rows, a.out, a.init)
+    kind = "phone" if isinstance(tok, UnitTokenizer) else "bpe"
+    cfg = dataclasses.replace(lm_for_units(get_config(a.preset).lm, kind), speech_token_size=codes,
+                              align_ctc_weight=a.align_ctc)
+    train_lm(train, held, cfg, len(tok), tcfg, a.max_rows, a.out, a.init)

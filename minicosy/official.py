@@ -341,7 +341,8 @@ def write_official_folder(tts, folder: str | Path, text_tokenizer_dir: str | Pat
     (folder / QWEN_DIR).mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(tts.config, flow=tts.flow.cfg, lm=tts.lm.cfg, hift=tts.hift.cfg)
     for name, module in (("llm.pt", tts.lm), ("flow.pt", tts.flow), ("hift.pt", tts.hift)):
-        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, folder / name)
+        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()
+                    if not k.startswith("align_head.")}, folder / name)      # a training-only head (lm_align)
     (folder / "cosyvoice2.yaml").write_text(yaml_text(cfg))
     qwen2_config(tts.lm.cfg, tts.lm.text_vocab_size).to_json_file(str(folder / QWEN_DIR / "config.json"))
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
