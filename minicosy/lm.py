@@ -630,6 +630,8 @@ def train_main(argv: list[str] | None = None) -> None:
     p.add_argument("--augmented-copies", type=int, default=0,
                    help="add this many copies of the train split tokenised from tempo/VTLP-augmented audio")
     p.add_argument("--init", help="start from this LM checkpoint's weights (same sizes) instead of at random")
+    p.add_argument("--snapshots", help="keep the weights at every validation in this folder (for a learning curve: "
+                                       "scripts/learning_curve.py)")
     p.add_argument("--align-ctc", type=float, default=0.0, help="weight of the training-only alignment aid "
                    "(minicosy.lm_align: CTC reading the text back from the speech rows); 0: the paper's loss")
     a = p.parse_args(argv)
@@ -650,7 +652,8 @@ def train_main(argv: list[str] | None = None) -> None:
         train += corpus_examples(instruct, ["train"], tok, a.speech_tokenizer) * a.instruct_repeat
     held = corpus_examples(a.corpus, ["dev", "test"], tok, a.speech_tokenizer)
     tcfg = TrainConfig(lr=a.lr, max_minutes=a.minutes, seed=a.seed, warmup_steps=50, threads=threads,
-                       validate_minutes=a.validate_minutes, device=a.device, state_path=state_file(a.state, a.out))
+                       validate_minutes=a.validate_minutes, device=a.device, state_path=state_file(a.state, a.out),
+                       snapshot_dir=a.snapshots)
     from .speech_tokenizer import SpeechTokenizer   # the speech vocabulary is the tokenizer's codebook
 
     codes = SpeechTokenizer.from_checkpoint(a.speech_tokenizer).codebook_size

@@ -60,6 +60,7 @@ class TrainConfig:
     device: str = "cpu"              # where the steps run; the model comes back on the CPU
     state_path: str | None = None    # resumable training: weights, optimiser, step and clock saved here ...
     state_minutes: float = 5.0       # ... this often, and a run that finds the file continues from it
+    snapshot_dir: str | None = None  # with validation: the weights at every check kept here (learning curves)
 
 
 @dataclass
@@ -249,6 +250,8 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
         nonlocal best
         model.cpu()
         score = validate()
+        if cfg.snapshot_dir and rank == 0:
+            save_snapshot(Path(cfg.snapshot_dir) / f"step{step:07d}.pt", model, step, time.time() - start, score)
         model.to(device).train()
         log.extra.setdefault("validation", []).append([step, round(time.time() - start, 1), round(score, 4)])
         if best is None or score < best[0]:
@@ -293,6 +296,15 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
     if state is not None and rank == 0 and state.exists():
         state.unlink()                                   # finished: nothing left to resume
     return log
+
+
+def save_snapshot(path: Path, model: torch.nn.Module, step: int, elapsed: float, score: float) -> None:
+    """The weights (float16) at a validation check, with the step, the training seconds so far and
+    the score (``TrainConfig.snapshot_dir``); the keys of a training state, so a state file can
+    stand in for a snapshot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+                "step": step, "elapsed": elapsed, "score": score}, path)
 
 
 def _git_commit() -> str:

@@ -32,6 +32,29 @@ def test_early_stopping_keeps_the_best_validated_weights():
     assert not torch.equal(seen[2]["weight"], seen[-1]["weight"])
 
 
+def test_snapshots_keep_the_weights_of_every_validation(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    seen = []
+
+    def validate() -> float:
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return float(len(seen))
+
+    cfg = TrainConfig(lr=0.05, max_steps=4, warmup_steps=1, threads=1, validate_minutes=1e-9,
+                      snapshot_dir=str(tmp_path / "snaps"))
+    train_loop(model, iter([(x, y)] * 4), lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1]), cfg,
+               validate=validate)
+    files = sorted((tmp_path / "snaps").iterdir())
+    assert [f.name for f in files] == [f"step{s:07d}.pt" for s in range(5)]
+    for k, (f, weights) in enumerate(zip(files, seen)):
+        snap = torch.load(f, weights_only=True)
+        assert snap["score"] == k + 1 and snap["step"] == k and snap["elapsed"] >= 0
+        for k, v in weights.items():
+            torch.testing.assert_close(snap["model"][k].float(), v, atol=1e-3, rtol=1e-3)     # float16
+
+
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
     """With ``state_path`` a run saves its weights, optimiser, step and clock; the same command
     started again continues from there and ends where one uninterrupted run ends."""
