@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--per-voice", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json")
+    p.add_argument("--append", action="store_true", help="add the points to those already in --json (same sentences)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     tts, root, asr = CosyVoice2.from_pretrained(a.model), Path(a.corpus), SphinxASR()
@@ -74,9 +75,14 @@ def main() -> None:
         print(f"{minutes:7.1f} min  WER {wer:.3f}  ({wer / max(recordings, 1e-9):.2f}x the recordings' {recordings:.3f})",
               flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": a.model, "corpus": a.corpus, "voices": names, "set": a.voices,
-                                            "sentences": len(trials), "WER recordings": round(recordings, 4),
-                                            "points": points}, indent=1) + "\n")
+        result = {"model": a.model, "corpus": a.corpus, "voices": names, "set": a.voices, "sentences": len(trials),
+                  "WER recordings": round(recordings, 4), "points": points}
+        if a.append and Path(a.json).exists():
+            before = json.loads(Path(a.json).read_text())
+            if {k: v for k, v in before.items() if k != "points"} != {k: v for k, v in result.items() if k != "points"}:
+                raise ValueError(f"{a.json} holds another evaluation (model, corpus, voices or sentences differ)")
+            result["points"] = before["points"] + points
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
