@@ -15,7 +15,8 @@ from .conftest import ROOT
 CKPT = ROOT / "data" / "checkpoints"
 SHIPPED = {"lm_tiny.pt": TextSpeechLM, "flow_tiny.pt": CausalMaskedDiffWithXvec, "hift_tiny.pt": HiFTGenerator,
            "campplus_tiny.pt": CAMPPlus, "speech_tokenizer_fsq.pt": SpeechTokenizer, "lm_phone.pt": TextSpeechLM,
-           "flow_phone.pt": CausalMaskedDiffWithXvec, "speech_tokenizer_fsq729.pt": SpeechTokenizer}
+           "flow_phone.pt": CausalMaskedDiffWithXvec, "speech_tokenizer_fsq729.pt": SpeechTokenizer,
+           "hift_phone.pt": HiFTGenerator}
 
 
 class Payload:
