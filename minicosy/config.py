@@ -119,10 +119,10 @@ UNIT_TOKEN_TEXT_RATIO = {"bpe": (2.0, 20.0), "phone": (1.0, 6.0)}
 
 # The streaming (bistream) layout's N text : M speech (§2.3) belongs to the text units too. Training
 # uses it only for an utterance whose speech/text ratio exceeds M/N (official rule): then the text
-# read so far stays ahead of the speech. The paper's 5:15 suits BPE (3 tokens per id); a reading
-# unit spans a median 1.64 tokens (large corpus), so 5:15 would put 2% of its utterances (the
-# Chinese and Japanese ones) in the layout and leave English streaming untrained. 12:15 keeps the
-# paper's M and admits 99.5% of them, the text 12 units ahead per 15 tokens (about 9 units' worth).
+# read so far stays ahead of the speech. The paper's 5:15 suits BPE (median 3.9 tokens per id); a
+# reading unit spans a median 1.65 tokens, so 5:15 would put no English utterance in the layout and
+# leave English streaming untrained. 12:15 keeps the paper's M and admits nearly all of them, the
+# text 12 units ahead per 15 tokens (about 9 units' worth; notebook 03 §7, tests/test_lm.py).
 UNIT_MIX_RATIO = {"bpe": (5, 15), "phone": (12, 15)}
 
 

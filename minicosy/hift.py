@@ -538,7 +538,8 @@ def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", mi
     + 2·feature matching once ``gan_after`` of the time budget has passed; AdamW (0.8, 0.99), warm-up
     + cosine. From scratch or from the generator checkpoint ``init``; on the recordings' mels or on
     ``input_mels`` (per utterance id, e.g. the flow's ground-truth-aligned mels; ``input_name`` goes
-    on the card); on all train utterances or a seeded sample of ``utterances``. Saves the generator (float16) with its loss curve.
+    on the card); on all train utterances or a seeded sample of ``utterances``. Saves the generator
+    (float16) with its loss curve.
 
     Under ``torchrun`` each rank takes its share of every step's batches and the two networks'
     gradients are averaged over ranks by hand (:func:`~minicosy.train.average_gradients`: the

@@ -31,7 +31,7 @@ class AlignmentHead(nn.Module):
         blank = self.proj.out_features - 1
         logp = self.proj(hidden).float().log_softmax(-1)                   # (B, L, V+1)
         lengths = speech_rows.sum(1)
-        rows = torch.full((logp.size(0), int(lengths.max()), logp.size(2)), 0.0, device=logp.device)
+        rows = logp.new_zeros(logp.size(0), int(lengths.max()), logp.size(2))
         for i in range(logp.size(0)):                                     # speech rows first, in order
             rows[i, :int(lengths[i])] = logp[i, speech_rows[i]]
         targets = torch.cat([t.to(logp.device) for t in texts])
