@@ -145,9 +145,14 @@ def eval_command(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     tts = CosyVoice2.from_pretrained(args.model)
+    if args.top_k is not None:
+        if args.top_k < 1:
+            raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+        tts.lm.cfg.top_k = args.top_k
     modes = tuple(m.strip() for m in args.modes.split(","))
     if args.per_voice:
         result = evaluate_voices(tts, args.corpus, args.voices, args.per_voice, modes, seed=args.seed)
+        result["top_k"] = tts.lm.cfg.top_k
         print(format_voice_table(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
@@ -231,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--per-voice", type=int, default=0, metavar="N",
                    help="instead: per voice, N sentences' synthesis WER next to the voice's own recordings of them "
                         "(the eval split of the large corpus where there is one), pooled over the voices the judge reads")
+    e.add_argument("--top-k", type=int, metavar="K",
+                   help="the LM's RAS top-k for this evaluation (default: the checkpoint's; the paper's is 25, §2.3)")
     e.add_argument("--stages", action="store_true",
                    help="also print where the words are lost: WER and the speech tokenizer's unit error after each stage")
     sub.add_parser("lab", help="trust the notebooks and open the app (notebook 10) in JupyterLab; "

@@ -1,4 +1,6 @@
 """End-to-end evaluation and the command line (tts, demo) on the tiny model."""
+import json
+
 import soundfile as sf
 import pytest
 
@@ -76,6 +78,16 @@ def test_eval_command_per_voice(corpus_root, capsys):
     main(["eval", "--corpus", str(corpus_root), "--per-voice", "1", "--modes", "offline", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["voice", "n", "WER"] and any(line.startswith("pooled: all") for line in lines)
+
+
+def test_eval_command_top_k_sets_the_samplers_k_and_refuses_zero(corpus_root, tmp_path, capsys):
+    out = tmp_path / "voices.json"
+    main(["eval", "--corpus", str(corpus_root), "--per-voice", "1", "--modes", "offline", "--threads", "1",
+          "--top-k", "5", "--json", str(out)])
+    assert json.loads(out.read_text())["top_k"] == 5
+    with pytest.raises(SystemExit):
+        main(["eval", "--corpus", str(corpus_root), "--per-voice", "1", "--top-k", "0"])
+    assert "--top-k must be at least 1" in capsys.readouterr().err
 
 
 def test_stage_wer_follows_the_pipeline_stage_by_stage(corpus_root):
