@@ -139,10 +139,16 @@ def tts_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     import torch
 
-    from .eval import (evaluate_tts, evaluate_voices, format_table, format_voice_table, stage_outputs, stage_unit_error,
-                       stage_wer)
+    from .eval import (compare_voice_results, evaluate_tts, evaluate_voices, format_table, format_voice_table,
+                       stage_outputs, stage_unit_error, stage_wer)
     from .pipeline import CosyVoice2
 
+    if args.compare:
+        a, b = (json.loads(Path(f).read_text()) for f in args.compare)
+        for mode, c in compare_voice_results(a, b).items():
+            print(f"{mode:14s} n={c['n']:3d}  WER A {c['WER A']:.3f}  WER B {c['WER B']:.3f}  B - A {c['B - A']:+.3f}"
+                  f"  95% [{c['95%'][0]:+.3f}, {c['95%'][1]:+.3f}]")
+        return
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     tts = CosyVoice2.from_pretrained(args.model)
     if args.top_k is not None:
@@ -236,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--per-voice", type=int, default=0, metavar="N",
                    help="instead: per voice, N sentences' synthesis WER next to the voice's own recordings of them "
                         "(the eval split of the large corpus where there is one), pooled over the voices the judge reads")
+    e.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="instead: two --per-voice --json results on the same sentences, B - A per mode with a "
+                        "paired bootstrap 95%% interval (pooled over the readable voices)")
     e.add_argument("--top-k", type=int, metavar="K",
                    help="the LM's RAS top-k for this evaluation (default: the checkpoint's; the paper's is 25, §2.3)")
     e.add_argument("--stages", action="store_true",

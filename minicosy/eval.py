@@ -45,6 +45,36 @@ def error_rate(references: list[str], hypotheses: list[str], lang: str) -> float
     return float(jiwer.wer(refs, hyps))
 
 
+def sentence_errors(references: list[str], hypotheses: list[str], lang: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per sentence: edit errors (S + D + I) and reference length, in words (or characters for
+    zh/ja/ko); ``errors.sum() / length.sum()`` is :func:`error_rate`."""
+    import jiwer
+
+    error_rate(references, hypotheses, lang)                       # the same checks
+    measure = jiwer.process_characters if lang in CHAR_LANGS else jiwer.process_words
+    out = [measure(normalize_for_wer(r, lang), normalize_for_wer(h, lang)) for r, h in zip(references, hypotheses)]
+    errors = np.array([o.substitutions + o.deletions + o.insertions for o in out], dtype=float)
+    return errors, np.array([o.hits + o.substitutions + o.deletions for o in out], dtype=float)
+
+
+def bootstrap_interval(statistic, *columns: np.ndarray, n: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(*columns)`` over sentences: the rows of all
+    ``columns`` are resampled together (paired), so a ratio or a difference of two systems on the
+    same sentences keeps its pairing. Seeded: the same data give the same interval."""
+    rows = len(columns[0])
+    if rows < 2 or any(len(c) != rows for c in columns):
+        raise ValueError(f"need at least 2 sentences and columns of one length, got {[len(c) for c in columns]}")
+    pick = np.random.default_rng(seed).integers(0, rows, size=(n, rows))
+    values = np.array([statistic(*(c[i] for c in columns)) for i in pick])
+    return tuple(float(v) for v in np.quantile(values, [(1 - level) / 2, (1 + level) / 2]))
+
+
+def wer_of(errors: np.ndarray, words: np.ndarray) -> float:
+    """Corpus WER from :func:`sentence_errors`."""
+    return float(errors.sum() / max(words.sum(), 1))
+
+
 class SphinxASR:
     """English speech recognition with pocketsphinx's bundled US-English models (16 kHz).
 
@@ -327,14 +357,39 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
         refs = [t for v in members for t in rows[v]["refs"]]
         if not refs:
             continue
-        pooled[name] = {"voices": members, "n": len(refs),
-                        "WER recordings": error_rate(refs, [h for v in members for h in rows[v]["hyps"]["recordings"]], "en")}
+        rec_err, words = sentence_errors(refs, [h for v in members for h in rows[v]["hyps"]["recordings"]], "en")
+        pooled[name] = {"voices": members, "n": len(refs), "WER recordings": wer_of(rec_err, words)}
         for mode in modes:
-            wer = error_rate(refs, [h for v in members for h in rows[v]["hyps"][mode]], "en")
-            pooled[name][f"WER {mode}"] = wer
-            pooled[name][f"ratio {mode}"] = wer / max(pooled[name]["WER recordings"], 1e-9)
-    return {"voices": {v: {k: x for k, x in r.items() if k not in ("refs", "hyps")} for v, r in rows.items()},
-            "pooled": pooled, "set": voices, "modes": list(modes)}
+            err, _ = sentence_errors(refs, [h for v in members for h in rows[v]["hyps"][mode]], "en")
+            p = pooled[name]
+            p[f"WER {mode}"], p[f"ratio {mode}"] = wer_of(err, words), wer_of(err, words) / max(p["WER recordings"], 1e-9)
+            if len(refs) > 1:
+                p[f"WER {mode} 95%"] = bootstrap_interval(wer_of, err, words)
+                p[f"ratio {mode} 95%"] = bootstrap_interval(
+                    lambda e, r, w: wer_of(e, w) / max(wer_of(r, w), 1e-9), err, rec_err, words)
+            if mode != modes[0]:                                   # Table 8: a mode against the first
+                first, _ = sentence_errors(refs, [h for v in members for h in rows[v]["hyps"][modes[0]]], "en")
+                p[f"delta {mode} 95%"] = bootstrap_interval(lambda a, b, w: wer_of(a, w) - wer_of(b, w), err, first, words)
+    return {"voices": rows, "pooled": pooled, "set": voices, "modes": list(modes)}
+
+
+def compare_voice_results(a: dict, b: dict, pool: str = "readable") -> dict[str, dict]:
+    """Two :func:`evaluate_voices` results on the same sentences (e.g. two checkpoints), per mode
+    both have: pooled WER of each, B - A, and its paired bootstrap 95 % interval over sentences."""
+    if pool not in a["pooled"] or pool not in b["pooled"]:
+        raise ValueError(f"both results need the pooled set {pool!r}")
+    voices = a["pooled"][pool]["voices"]
+    refs = [t for v in voices for t in a["voices"][v]["refs"]]
+    if voices != b["pooled"][pool]["voices"] or refs != [t for v in voices for t in b["voices"][v]["refs"]]:
+        raise ValueError("the two results were not measured on the same voices and sentences")
+    out = {}
+    for mode in [m for m in a["modes"] if m in b["modes"]]:
+        (ea, words), (eb, _) = (sentence_errors(refs, [h for v in voices for h in r["voices"][v]["hyps"][mode]], "en")
+                                for r in (a, b))
+        out[mode] = {"n": len(refs), "WER A": wer_of(ea, words), "WER B": wer_of(eb, words),
+                     "B - A": wer_of(eb, words) - wer_of(ea, words),
+                     "95%": bootstrap_interval(lambda x, y, w: wer_of(y, w) - wer_of(x, w), ea, eb, words)}
+    return out
 
 
 def format_voice_table(result: dict) -> str:
@@ -349,6 +404,12 @@ def format_voice_table(result: dict) -> str:
     for name, p in result["pooled"].items():
         lines.append(f"{'pooled: ' + name:18s} {p['n']:4d} {p['WER recordings']:9.3f}" + "".join(
             f" {p['WER ' + m]:16.3f} {p['ratio ' + m]:6.2f}" for m in modes))
+        lines += [f"{'':23s} 95% (bootstrap): WER {m} [{p[f'WER {m} 95%'][0]:.3f}, {p[f'WER {m} 95%'][1]:.3f}],"
+                  f" ratio [{p[f'ratio {m} 95%'][0]:.2f}, {p[f'ratio {m} 95%'][1]:.2f}]"
+                  for m in modes if f"WER {m} 95%" in p]
+        lines += [f"{'':23s} {m} - {modes[0]}: {p['WER ' + m] - p['WER ' + modes[0]]:+.3f},"
+                  f" 95% [{p[f'delta {m} 95%'][0]:+.3f}, {p[f'delta {m} 95%'][1]:+.3f}]"
+                  for m in modes[1:] if f"delta {m} 95%" in p]
     return "\n".join(lines)
 
 

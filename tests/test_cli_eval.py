@@ -68,8 +68,11 @@ def test_evaluate_voices_compares_each_voice_with_its_own_recordings(corpus_root
     assert result["pooled"]["all"]["n"] == 4
     if "readable" in result["pooled"]:
         assert all(result["voices"][v]["WER recordings"] <= READABLE_WER for v in result["pooled"]["readable"]["voices"])
+    assert len(row["hyps"]["offline"]) == len(row["refs"]) == 2          # kept, for paired comparisons
+    lo, hi = result["pooled"]["all"]["WER offline 95%"]
+    assert lo <= result["pooled"]["all"]["WER offline"] <= hi
     text = format_voice_table(result)
-    assert "flite_rms" in text and "pooled: all" in text
+    assert "flite_rms" in text and "pooled: all" in text and "95% (bootstrap)" in text
     by_voice = recording_wer_by_voice(corpus_root, ("heldout",), per_voice=2, progress=False)
     assert by_voice["flite_rms"]["WER"] == row["WER recordings"]      # the same recordings, the same judge
 
@@ -88,6 +91,21 @@ def test_eval_command_top_k_sets_the_samplers_k_and_refuses_zero(corpus_root, tm
     with pytest.raises(SystemExit):
         main(["eval", "--corpus", str(corpus_root), "--per-voice", "1", "--top-k", "0"])
     assert "--top-k must be at least 1" in capsys.readouterr().err
+
+
+def test_eval_command_compare_prints_the_paired_difference(tmp_path, capsys):
+    refs = ["the first sentence", "a second one here", "and the third"]
+    result = {"modes": ["offline"], "voices": {"v": {"refs": refs, "hyps": {"offline": refs}}},
+              "pooled": {"readable": {"voices": ["v"]}}}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(result))
+    result["voices"]["v"]["hyps"]["offline"] = ["the first sentence", "a second one", "and the third"]
+    b.write_text(json.dumps(result))
+    main(["eval", "--compare", str(a), str(b)])
+    assert "B - A +0.100" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--compare", str(a), str(tmp_path / "missing.json")])
+    assert "missing.json" in capsys.readouterr().err
 
 
 def test_stage_wer_follows_the_pipeline_stage_by_stage(corpus_root):

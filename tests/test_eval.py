@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from minicosy.audio import load_wav
-from minicosy.eval import (SpeakerEncoder, SphinxASR, equal_error_rate, error_rate, normalize_for_wer,
-                           trial_scores)
+from minicosy.eval import (SpeakerEncoder, SphinxASR, bootstrap_interval, compare_voice_results, equal_error_rate,
+                           error_rate, normalize_for_wer, sentence_errors, trial_scores, wer_of)
 
 from .conftest import SHARED_DATA, need
 
@@ -32,6 +32,46 @@ def test_error_rate_by_hand():
     assert error_rate(["你好世界"], ["你好视界"], "zh") == pytest.approx(0.25)
     with pytest.raises(ValueError):
         error_rate(["a"], [], "en")
+
+
+def test_sentence_errors_add_up_to_the_corpus_error_rate():
+    refs, hyps = ["the cat sat on the mat", "a dog", "It costs $5."], ["the cat sit on mat", "a big dog", "it costs"]
+    errors, words = sentence_errors(refs, hyps, "en")
+    assert errors.tolist() == [2, 1, 2] and words.tolist() == [6, 2, 4]
+    assert wer_of(errors, words) == pytest.approx(error_rate(refs, hyps, "en"))
+    errors, words = sentence_errors(["你好世界"], ["你好视界"], "zh")
+    assert (errors.tolist(), words.tolist()) == ([1], [4])
+
+
+def test_bootstrap_interval_covers_the_estimate_narrows_with_data_and_keeps_pairs():
+    rng = np.random.default_rng(1)
+    words = rng.integers(5, 15, 400).astype(float)
+    errors = rng.binomial(words.astype(int), 0.3).astype(float)
+    lo, hi = bootstrap_interval(wer_of, errors[:20], words[:20])
+    lo_big, hi_big = bootstrap_interval(wer_of, errors, words)
+    assert lo <= wer_of(errors[:20], words[:20]) <= hi and lo_big <= wer_of(errors, words) <= hi_big
+    assert hi_big - lo_big < (hi - lo) / 2 and lo_big < 0.3 < hi_big
+    assert bootstrap_interval(wer_of, errors, words) == (lo_big, hi_big)                  # seeded
+    diff = lambda a, b, w: wer_of(a, w) - wer_of(b, w)                                # noqa: E731
+    assert bootstrap_interval(diff, errors + 1, errors, words)[0] > 0                     # paired: one more error each
+    with pytest.raises(ValueError, match="one length"):
+        bootstrap_interval(wer_of, errors, words[:3])
+
+
+def _voice_result(refs: list[str], hyps: list[str]) -> dict:
+    return {"modes": ["offline"], "voices": {"v": {"refs": refs, "hyps": {"offline": hyps}}},
+            "pooled": {"readable": {"voices": ["v"]}}}
+
+
+def test_compare_voice_results_pairs_the_sentences():
+    refs = [f"sentence number {w} is here" for w in ("one", "two", "three", "four", "five", "six", "seven", "eight")]
+    a = _voice_result(refs, refs)
+    same = compare_voice_results(a, a)["offline"]
+    assert same["B - A"] == 0 and same["95%"] == (0.0, 0.0)
+    worse = compare_voice_results(a, _voice_result(refs, [r.replace("is", "was") for r in refs]))["offline"]
+    assert worse["WER A"] == 0 and worse["B - A"] == pytest.approx(0.2) and worse["95%"][0] > 0
+    with pytest.raises(ValueError, match="same voices and sentences"):
+        compare_voice_results(a, _voice_result(refs[::-1], refs[::-1]))
 
 
 def test_equal_error_rate_by_hand():
