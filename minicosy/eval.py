@@ -203,6 +203,7 @@ def synthesis_trials(corpus_root: str | Path = "data/corpus", n: int = 8, lang: 
     return trials
 
 
+SIM_JUDGES = ("resemblyzer", "CAM++")       # the order of a row's "sims" per sentence
 READABLE_WER = 0.30     # voices whose recordings pocketsphinx reads at most this badly carry the bars
 
 
@@ -346,10 +347,12 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
                 hyps[mode].append(asr.transcribe(wav, tts.sample_rate))
                 sims[mode].append((judge.similarity(wav, tts.sample_rate, prompt_wav, psr),
                                    speaker_similarity(tts.frontend.speaker_model, wav, tts.sample_rate, prompt_wav, psr)))
-        row = {"n": len(texts), "refs": texts, "hyps": hyps, "WER recordings": error_rate(texts, hyps["recordings"], "en")}
+        row = {"n": len(texts), "refs": texts, "hyps": hyps, "sims": {m: np.asarray(v).T.tolist() for m, v in sims.items()},
+               "WER recordings": error_rate(texts, hyps["recordings"], "en")}
         for mode in modes:
             row[f"WER {mode}"] = error_rate(texts, hyps[mode], "en")
-            row[f"SIM {mode} (resemblyzer)"], row[f"SIM {mode} (CAM++)"] = map(float, np.mean(sims[mode], axis=0))
+            for name, values in zip(SIM_JUDGES, row["sims"][mode]):
+                row[f"SIM {mode} ({name})"] = float(np.mean(values))
         row["readable"] = row["WER recordings"] <= READABLE_WER
         rows[voice] = row
     pooled = {}
@@ -375,7 +378,8 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
 
 def compare_voice_results(a: dict, b: dict, pool: str = "readable") -> dict[str, dict]:
     """Two :func:`evaluate_voices` results on the same sentences (e.g. two checkpoints), per mode
-    both have: pooled WER of each, B - A, and its paired bootstrap 95 % interval over sentences."""
+    both have: pooled WER of each, B - A, and its paired bootstrap 95 % interval over sentences;
+    the same for the mean speaker similarity by each judge (``"SIM CAM++"`` ...)."""
     if pool not in a["pooled"] or pool not in b["pooled"]:
         raise ValueError(f"both results need the pooled set {pool!r}")
     voices = a["pooled"][pool]["voices"]
@@ -389,6 +393,10 @@ def compare_voice_results(a: dict, b: dict, pool: str = "readable") -> dict[str,
         out[mode] = {"n": len(refs), "WER A": wer_of(ea, words), "WER B": wer_of(eb, words),
                      "B - A": wer_of(eb, words) - wer_of(ea, words),
                      "95%": bootstrap_interval(lambda x, y, w: wer_of(y, w) - wer_of(x, w), ea, eb, words)}
+        for j, judge in enumerate(SIM_JUDGES):
+            sa, sb = (np.array([x for v in voices for x in r["voices"][v]["sims"][mode][j]]) for r in (a, b))
+            out[mode][f"SIM {judge}"] = {"A": float(sa.mean()), "B": float(sb.mean()), "B - A": float((sb - sa).mean()),
+                                         "95%": bootstrap_interval(np.mean, sb - sa)}
     return out
 
 

@@ -1,6 +1,7 @@
 """End-to-end evaluation and the command line (tts, demo) on the tiny model."""
 import json
 
+import numpy as np
 import soundfile as sf
 import pytest
 
@@ -69,6 +70,7 @@ def test_evaluate_voices_compares_each_voice_with_its_own_recordings(corpus_root
     if "readable" in result["pooled"]:
         assert all(result["voices"][v]["WER recordings"] <= READABLE_WER for v in result["pooled"]["readable"]["voices"])
     assert len(row["hyps"]["offline"]) == len(row["refs"]) == 2          # kept, for paired comparisons
+    assert np.mean(row["sims"]["offline"][1]) == pytest.approx(row["SIM offline (CAM++)"])
     lo, hi = result["pooled"]["all"]["WER offline 95%"]
     assert lo <= result["pooled"]["all"]["WER offline"] <= hi
     text = format_voice_table(result)
@@ -95,14 +97,15 @@ def test_eval_command_top_k_sets_the_samplers_k_and_refuses_zero(corpus_root, tm
 
 def test_eval_command_compare_prints_the_paired_difference(tmp_path, capsys):
     refs = ["the first sentence", "a second one here", "and the third"]
-    result = {"modes": ["offline"], "voices": {"v": {"refs": refs, "hyps": {"offline": refs}}},
+    result = {"modes": ["offline"], "voices": {"v": {"refs": refs, "hyps": {"offline": refs}, "sims": {"offline": [[0.5] * 3] * 2}}},
               "pooled": {"readable": {"voices": ["v"]}}}
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(result))
     result["voices"]["v"]["hyps"]["offline"] = ["the first sentence", "a second one", "and the third"]
     b.write_text(json.dumps(result))
     main(["eval", "--compare", str(a), str(b)])
-    assert "B - A +0.100" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "B - A +0.100" in out and "SIM CAM++" in out and "pooled: all" not in out
     with pytest.raises(SystemExit):
         main(["eval", "--compare", str(a), str(tmp_path / "missing.json")])
     assert "missing.json" in capsys.readouterr().err

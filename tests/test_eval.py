@@ -58,8 +58,9 @@ def test_bootstrap_interval_covers_the_estimate_narrows_with_data_and_keeps_pair
         bootstrap_interval(wer_of, errors, words[:3])
 
 
-def _voice_result(refs: list[str], hyps: list[str]) -> dict:
-    return {"modes": ["offline"], "voices": {"v": {"refs": refs, "hyps": {"offline": hyps}}},
+def _voice_result(refs: list[str], hyps: list[str], cam: float = 0.5) -> dict:
+    sims = [[0.6] * len(refs), [cam + i / 100 for i in range(len(refs))]]        # resemblyzer, CAM++
+    return {"modes": ["offline"], "voices": {"v": {"refs": refs, "hyps": {"offline": hyps}, "sims": {"offline": sims}}},
             "pooled": {"readable": {"voices": ["v"]}}}
 
 
@@ -67,7 +68,10 @@ def test_compare_voice_results_pairs_the_sentences():
     refs = [f"sentence number {w} is here" for w in ("one", "two", "three", "four", "five", "six", "seven", "eight")]
     a = _voice_result(refs, refs)
     same = compare_voice_results(a, a)["offline"]
-    assert same["B - A"] == 0 and same["95%"] == (0.0, 0.0)
+    assert same["B - A"] == 0 and same["95%"] == (0.0, 0.0) and same["SIM CAM++"]["95%"] == (0.0, 0.0)
+    closer = compare_voice_results(a, _voice_result(refs, refs, cam=0.6))["offline"]["SIM CAM++"]
+    assert closer["B - A"] == pytest.approx(0.1) and closer["95%"] == pytest.approx((0.1, 0.1))
+    assert closer["A"] == pytest.approx(0.535) and compare_voice_results(a, a)["offline"]["SIM resemblyzer"]["A"] == 0.6
     worse = compare_voice_results(a, _voice_result(refs, [r.replace("is", "was") for r in refs]))["offline"]
     assert worse["WER A"] == 0 and worse["B - A"] == pytest.approx(0.2) and worse["95%"][0] > 0
     with pytest.raises(ValueError, match="same voices and sentences"):
