@@ -139,20 +139,12 @@ def tts_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     import torch
 
-    from .eval import (compare_voice_results, evaluate_tts, evaluate_voices, format_table, format_voice_table,
+    from .eval import (evaluate_tts, evaluate_voices, format_comparison, format_table, format_voice_table,
                        stage_outputs, stage_unit_error, stage_wer)
     from .pipeline import CosyVoice2
 
     if args.compare:
-        a, b = (json.loads(Path(f).read_text()) for f in args.compare)
-        for pool in [p for p in ("readable", "all") if p in a["pooled"] and p in b["pooled"]]:
-            print(f"pooled: {pool} (B - A, paired bootstrap 95% interval over sentences)")
-            for mode, c in compare_voice_results(a, b, pool).items():
-                print(f"  {mode:14s} n={c['n']:3d}  WER A {c['WER A']:.3f}  WER B {c['WER B']:.3f}  B - A {c['B - A']:+.3f}"
-                      f"  95% [{c['95%'][0]:+.3f}, {c['95%'][1]:+.3f}]")
-                for judge, d in ((k[4:], v) for k, v in c.items() if k.startswith("SIM ")):
-                    print(f"  {'':14s} SIM {judge:11s}  A {d['A']:.3f}  B {d['B']:.3f}  B - A {d['B - A']:+.3f}"
-                          f"  95% [{d['95%'][0]:+.3f}, {d['95%'][1]:+.3f}]")
+        print(format_comparison(*(json.loads(Path(f).read_text()) for f in args.compare)))
         return
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     tts = CosyVoice2.from_pretrained(args.model)

@@ -30,19 +30,23 @@ from .pipeline import join_speech
 from .textnorm import CHAR_LANGS, normalize_for_wer, normalize_text
 
 
+def _normalised(references: list[str], hypotheses: list[str], lang: str) -> tuple[list[str], list[str]]:
+    """References and hypotheses after :func:`normalize_for_wer`, checked: as many of each, none
+    empty, no reference empty after normalisation."""
+    if len(references) != len(hypotheses) or not references:
+        raise ValueError("need the same, non-zero number of references and hypotheses")
+    refs = [normalize_for_wer(r, lang) for r in references]
+    if any(not r for r in refs):
+        raise ValueError("a reference is empty after normalisation")
+    return refs, [normalize_for_wer(h, lang) for h in hypotheses]
+
+
 def error_rate(references: list[str], hypotheses: list[str], lang: str) -> float:
     """Corpus-level WER for English, CER for zh/ja/ko (as in the paper's tables)."""
     import jiwer
 
-    if len(references) != len(hypotheses) or not references:
-        raise ValueError("need the same, non-zero number of references and hypotheses")
-    refs = [normalize_for_wer(r, lang) for r in references]
-    hyps = [normalize_for_wer(h, lang) for h in hypotheses]
-    if any(not r for r in refs):
-        raise ValueError("a reference is empty after normalisation")
-    if lang in CHAR_LANGS:
-        return float(jiwer.cer(refs, hyps))
-    return float(jiwer.wer(refs, hyps))
+    refs, hyps = _normalised(references, hypotheses, lang)
+    return float((jiwer.cer if lang in CHAR_LANGS else jiwer.wer)(refs, hyps))
 
 
 def sentence_errors(references: list[str], hypotheses: list[str], lang: str) -> tuple[np.ndarray, np.ndarray]:
@@ -50,9 +54,8 @@ def sentence_errors(references: list[str], hypotheses: list[str], lang: str) -> 
     zh/ja/ko); ``errors.sum() / length.sum()`` is :func:`error_rate`."""
     import jiwer
 
-    error_rate(references, hypotheses, lang)                       # the same checks
     measure = jiwer.process_characters if lang in CHAR_LANGS else jiwer.process_words
-    out = [measure(normalize_for_wer(r, lang), normalize_for_wer(h, lang)) for r, h in zip(references, hypotheses)]
+    out = [measure(r, h) for r, h in zip(*_normalised(references, hypotheses, lang))]
     errors = np.array([o.substitutions + o.deletions + o.insertions for o in out], dtype=float)
     return errors, np.array([o.hits + o.substitutions + o.deletions for o in out], dtype=float)
 
@@ -73,6 +76,11 @@ def bootstrap_interval(statistic, *columns: np.ndarray, n: int = 2000, level: fl
 def wer_of(errors: np.ndarray, words: np.ndarray) -> float:
     """Corpus WER from :func:`sentence_errors`."""
     return float(errors.sum() / max(words.sum(), 1))
+
+
+def wer_difference(errors_b: np.ndarray, errors_a: np.ndarray, words: np.ndarray) -> float:
+    """WER of B minus WER of A on the same sentences (a :func:`bootstrap_interval` statistic)."""
+    return wer_of(errors_b, words) - wer_of(errors_a, words)
 
 
 class SphinxASR:
@@ -360,19 +368,19 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
         refs = [t for v in members for t in rows[v]["refs"]]
         if not refs:
             continue
-        rec_err, words = sentence_errors(refs, [h for v in members for h in rows[v]["hyps"]["recordings"]], "en")
-        pooled[name] = {"voices": members, "n": len(refs), "WER recordings": wer_of(rec_err, words)}
+        errors = {}
+        for m in ("recordings", *modes):
+            errors[m], words = sentence_errors(refs, [h for v in members for h in rows[v]["hyps"][m]], "en")
+        p = pooled[name] = {"voices": members, "n": len(refs), "WER recordings": wer_of(errors["recordings"], words)}
         for mode in modes:
-            err, _ = sentence_errors(refs, [h for v in members for h in rows[v]["hyps"][mode]], "en")
-            p = pooled[name]
-            p[f"WER {mode}"], p[f"ratio {mode}"] = wer_of(err, words), wer_of(err, words) / max(p["WER recordings"], 1e-9)
+            p[f"WER {mode}"] = wer_of(errors[mode], words)
+            p[f"ratio {mode}"] = p[f"WER {mode}"] / max(p["WER recordings"], 1e-9)
             if len(refs) > 1:
-                p[f"WER {mode} 95%"] = bootstrap_interval(wer_of, err, words)
+                p[f"WER {mode} 95%"] = bootstrap_interval(wer_of, errors[mode], words)
                 p[f"ratio {mode} 95%"] = bootstrap_interval(
-                    lambda e, r, w: wer_of(e, w) / max(wer_of(r, w), 1e-9), err, rec_err, words)
-            if mode != modes[0]:                                   # Table 8: a mode against the first
-                first, _ = sentence_errors(refs, [h for v in members for h in rows[v]["hyps"][modes[0]]], "en")
-                p[f"delta {mode} 95%"] = bootstrap_interval(lambda a, b, w: wer_of(a, w) - wer_of(b, w), err, first, words)
+                    lambda e, r, w: wer_of(e, w) / max(wer_of(r, w), 1e-9), errors[mode], errors["recordings"], words)
+                if mode != modes[0]:                               # Table 8: a mode against the first
+                    p[f"delta {mode} 95%"] = bootstrap_interval(wer_difference, errors[mode], errors[modes[0]], words)
     return {"voices": rows, "pooled": pooled, "set": voices, "modes": list(modes)}
 
 
@@ -391,13 +399,26 @@ def compare_voice_results(a: dict, b: dict, pool: str = "readable") -> dict[str,
         (ea, words), (eb, _) = (sentence_errors(refs, [h for v in voices for h in r["voices"][v]["hyps"][mode]], "en")
                                 for r in (a, b))
         out[mode] = {"n": len(refs), "WER A": wer_of(ea, words), "WER B": wer_of(eb, words),
-                     "B - A": wer_of(eb, words) - wer_of(ea, words),
-                     "95%": bootstrap_interval(lambda x, y, w: wer_of(y, w) - wer_of(x, w), ea, eb, words)}
+                     "B - A": wer_difference(eb, ea, words), "95%": bootstrap_interval(wer_difference, eb, ea, words)}
         for j, judge in enumerate(SIM_JUDGES):
             sa, sb = (np.array([x for v in voices for x in r["voices"][v]["sims"][mode][j]]) for r in (a, b))
             out[mode][f"SIM {judge}"] = {"A": float(sa.mean()), "B": float(sb.mean()), "B - A": float((sb - sa).mean()),
                                          "95%": bootstrap_interval(np.mean, sb - sa)}
     return out
+
+
+def format_comparison(a: dict, b: dict) -> str:
+    """:func:`compare_voice_results` as text, for the readable and the all-voices pools."""
+    lines = []
+    for pool in [p for p in ("readable", "all") if p in a["pooled"] and p in b["pooled"]]:
+        lines.append(f"pooled: {pool} (B - A, paired bootstrap 95% interval over sentences)")
+        for mode, c in compare_voice_results(a, b, pool).items():
+            lines.append(f"  {mode:14s} n={c['n']:3d}  WER A {c['WER A']:.3f}  WER B {c['WER B']:.3f}"
+                         f"  B - A {c['B - A']:+.3f}  95% [{c['95%'][0]:+.3f}, {c['95%'][1]:+.3f}]")
+            lines += [f"  {'':14s} SIM {judge:11s}  A {d['A']:.3f}  B {d['B']:.3f}  B - A {d['B - A']:+.3f}"
+                      f"  95% [{d['95%'][0]:+.3f}, {d['95%'][1]:+.3f}]" for judge, d in
+                      ((j, c[f"SIM {j}"]) for j in SIM_JUDGES)]
+    return "\n".join(lines)
 
 
 def format_voice_table(result: dict) -> str:
