@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--n", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--modes", default="offline,FM stream,LM stream,LM+FM stream",
-                   help="comma-separated: offline, FM stream, LM stream, LM+FM stream (Table 8's grid)")
+                   help="comma-separated: offline, FM stream, LM stream, LM+FM stream (Table 8's grid); with "
+                        "--per-voice also GL true mel, HiFT true mel, flow true tokens (the stage table)")
     e.add_argument("--incremental", action="store_true")
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--json", help="also write the table as JSON")

@@ -327,15 +327,17 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
     """Each voice's synthesis next to its own recordings of the same sentences: per voice of
     :func:`voice_trials`, pocketsphinx's WER of the recordings and of zero-shot synthesis in each
     mode (a voice's own recording is the prompt), their ratio, and speaker similarity to the prompt
-    (resemblyzer, CAM++). ``"readable"`` pools the voices whose recordings are read at WER <=
-    :data:`READABLE_WER`, where the intelligibility bars are taken (ratios of pooled WERs)."""
+    (resemblyzer, CAM++). A mode of :data:`TRUE_INPUT_MODES` re-makes each recording from its true
+    mel or tokens instead (:func:`true_input_audio`): the stage table, per voice. ``"readable"``
+    pools the voices whose recordings are read at WER <= :data:`READABLE_WER`, where the
+    intelligibility bars are taken (ratios of pooled WERs)."""
     from tqdm.auto import tqdm
 
     from .audio import load_wav
 
-    unknown = set(modes) - EVAL_MODES.keys()
+    unknown = set(modes) - EVAL_MODES.keys() - TRUE_INPUT_MODES.keys()
     if unknown:
-        raise ValueError(f"unknown evaluation modes {sorted(unknown)}; choose from {list(EVAL_MODES)}")
+        raise ValueError(f"unknown evaluation modes {sorted(unknown)}; choose from {[*EVAL_MODES, *TRUE_INPUT_MODES]}")
     root, asr, judge = Path(corpus_root), SphinxASR(), SpeakerEncoder()
     trials = voice_trials(root, voices, per_voice)
     rows: dict[str, dict] = {}
@@ -348,10 +350,14 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
             prompt_wav, psr = load_wav(root / prompt["path"])
             hyps["recordings"].append(asr.transcribe(*load_wav(root / target["path"])))
             for mode in modes:
-                lm_stream, fm_stream = EVAL_MODES[mode]
-                text = _word_stream(target["text"]) if lm_stream else target["text"]
-                wav = join_speech(tts.inference_zero_shot(text, prompt["text"], (prompt_wav, psr), stream=fm_stream,
-                                                          seed=seed))[0].numpy()
+                if mode in TRUE_INPUT_MODES:
+                    wav = true_input_audio(tts, mode, load_wav(root / target["path"], tts.sample_rate)[0],
+                                           tts.frontend.prompt((prompt_wav, psr)), seed)
+                else:
+                    lm_stream, fm_stream = EVAL_MODES[mode]
+                    text = _word_stream(target["text"]) if lm_stream else target["text"]
+                    wav = join_speech(tts.inference_zero_shot(text, prompt["text"], (prompt_wav, psr),
+                                                              stream=fm_stream, seed=seed))[0].numpy()
                 hyps[mode].append(asr.transcribe(wav, tts.sample_rate))
                 sims[mode].append((judge.similarity(wav, tts.sample_rate, prompt_wav, psr),
                                    speaker_similarity(tts.frontend.speaker_model, wav, tts.sample_rate, prompt_wav, psr)))
@@ -454,6 +460,30 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
 
 STAGES = ("corpus audio", "Griffin-Lim on the true mel", "HiFT on the true mel", "flow on the true tokens + HiFT",
           "LM + flow + HiFT (zero-shot)")
+# the middle stages as evaluation modes of :func:`evaluate_voices` (the stage table per voice)
+TRUE_INPUT_MODES = dict(zip(("GL true mel", "HiFT true mel", "flow true tokens"), STAGES[1:4]))
+
+
+@torch.inference_mode()
+def true_input_audio(tts, mode: str, wav: np.ndarray, prompt, seed: int = 0) -> np.ndarray:
+    """A recording ``wav`` (at ``tts.sample_rate``) re-made from a true input, one of
+    :data:`TRUE_INPUT_MODES`: Griffin-Lim or HiFT on its mel, or the flow on its own speech tokens
+    (§2.2's tokenizer) in the voice of ``prompt`` (a frontend :class:`~minicosy.frontend.Prompt`),
+    then HiFT: what a perfect LM (or flow) would leave the rest of the chain to lose."""
+    from .audio import mel_spectrogram
+    from .hift import griffin_lim
+
+    if mode not in TRUE_INPUT_MODES:
+        raise ValueError(f"unknown true-input mode {mode!r}; choose from {list(TRUE_INPUT_MODES)}")
+    if mode == "flow true tokens":
+        tokens = torch.as_tensor(tts.frontend.speech_tokenizer.tokenize(wav, tts.sample_rate)).long().reshape(1, -1)
+        mel = tts.flow.inference(tokens.to(tts.device), prompt.speech_token.to(tts.device),
+                                 prompt.speech_feat.to(tts.device, tts.dtype), prompt.embedding.to(tts.device, tts.dtype))
+    else:
+        mel = mel_spectrogram(wav)[None]
+        if mode == "GL true mel":
+            return griffin_lim(mel[0]).numpy()
+    return tts.vocode(mel, seed)
 
 
 @torch.inference_mode()
@@ -462,19 +492,14 @@ def stage_outputs(tts, corpus_root: str | Path = "data/corpus", n: int = 8, seed
     """Per :func:`synthesis_trials` trial, its target record and the audio after each of
     :data:`STAGES`: the recording itself, each vocoder on its true mel, the flow on its true speech
     tokens (in the prompt's voice) + HiFT, and the whole zero-shot pipeline (the LM's own tokens)."""
-    from .audio import load_wav, mel_spectrogram
-    from .hift import griffin_lim
+    from .audio import load_wav
 
     root, sr = Path(corpus_root), tts.sample_rate
     for trial in synthesis_trials(root, n, voices=voices):
         target, prompt_rec = trial["target"], trial["prompt"]
         wav, _ = load_wav(root / target["path"], sr)
-        mel = mel_spectrogram(wav)
         prompt = tts.frontend.prompt(str(root / prompt_rec["path"]), prompt_rec["text"])
-        tokens = torch.as_tensor(tts.frontend.speech_tokenizer.tokenize(wav, sr)).long().reshape(1, -1)
-        flow_mel = tts.flow.inference(tokens.to(tts.device), prompt.speech_token.to(tts.device),
-                                      prompt.speech_feat.to(tts.device, tts.dtype), prompt.embedding.to(tts.device, tts.dtype))
-        yield target, [wav, griffin_lim(mel).numpy(), tts.vocode(mel[None], seed), tts.vocode(flow_mel, seed),
+        yield target, [wav, *(true_input_audio(tts, mode, wav, prompt, seed) for mode in TRUE_INPUT_MODES),
                        join_speech(tts.inference_zero_shot(target["text"], prompt_rec["text"],
                                                            str(root / prompt_rec["path"]), seed=seed))[0].numpy()]
 
