@@ -180,7 +180,7 @@ def test_emphasis_contrast_finds_a_louder_higher_word():
 
 
 def test_instruction_changes_and_table():
-    from minicosy.eval import _condition_change, right_sign, instruction_table
+    from minicosy.eval_instruct import _condition_change, instruction_table, right_sign, wilson_interval
 
     slow, normal = padded(harmonic(150, 1.5)), padded(harmonic(150, 1.0))
     assert abs(_condition_change("very_slow", slow, normal, SR) - 1.0 / 1.5) < 0.03
@@ -191,5 +191,13 @@ def test_instruction_changes_and_table():
     assert right_sign("very_slow", 0.7) and not right_sign("very_slow", 1.2) and not right_sign("fast", float("nan"))
     assert right_sign("low_pitch", -1.0) and right_sign("emphasis", 0.5) and not right_sign("emphasis", -0.5)
     table = instruction_table({"fast": [1.2, float("nan")], "emphasis": [1.0, -1.0]}, {"fast": [1.3], "emphasis": [2.0]})
-    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
-    assert rows["fast"][-4:] == ["1.20", "50%", "1.30", "100%"] and rows["emphasis"][-4:] == ["0.00", "50%", "2.00", "100%"]
+    fast, emphasis = table.splitlines()[1:]
+    assert fast.split()[:4] == ["fast", "speed", "factor", "x1.3"]
+    assert "1.20        50% [ 9%,  91%] n=2" in fast and "1.30       100% [21%, 100%] n=1" in fast
+    assert "0.00        50% [ 9%,  91%] n=2" in emphasis and "2.00       100% [21%, 100%] n=1" in emphasis
+    lo, hi = wilson_interval(8, 10)                          # the textbook value: 0.490-0.943
+    assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
+    assert wilson_interval(0, 5)[0] == pytest.approx(0.0, abs=1e-12) and wilson_interval(5, 5)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(3, 2)

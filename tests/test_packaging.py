@@ -15,7 +15,7 @@ from .conftest import ROOT
 CONDA_TO_PYPI = {"pytorch": "torch", "pysoundfile": "soundfile", "soxr-python": "soxr"}
 GROUND_FLOOR = {"config", "audio", "text_tokenizer", "textnorm", "data", "engines", "instruct", "train"}
 # plotting helpers for the notebooks may draw any component, but nothing imports them back
-TOP = {"pipeline", "frontend", "official", "eval", "finetune", "widgets", "viz", "speed", "__main__"}
+TOP = {"pipeline", "frontend", "official", "eval", "eval_instruct", "finetune", "widgets", "viz", "speed", "__main__"}
 COMPONENTS = {"fsq", "speech_tokenizer", "lm", "masks", "flow", "hift", "campplus", "rl"}
 # the few places where one paper concept is built from another (acyclic, checked below)
 # (the lm and flow training recipes read speech tokens / x-vectors of the corpus; the vocoder can

@@ -1,0 +1,178 @@
+"""Instruction following (§2.6, §4.5's MOS-I and Table 10), measured instead of rated: how far a
+rendering moved from its neutral twin the way its instruction asks (speed factor, F0 shift in
+semitones, the marked word's level gain), for the model and for the engines' own renderings, each
+"right way" share with its binomial (Wilson) interval.
+
+Usage::
+
+    result = evaluate_instructions(tts, "data/corpus", n=16)
+    print(instruction_table(result["changes"], corpus_instruction_changes("data/corpus")))
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+
+from .eval import SpeakerEncoder, SphinxASR, bootstrap_interval, error_rate, sentence_errors, synthesis_trials, wer_of
+from .pipeline import join_speech
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``successes / n`` (sound at small ``n`` and at
+    0 or ``n`` successes, where the normal approximation is not); (0, 1) for ``n == 0``."""
+    if n == 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n={n}], got {successes}")
+    z, p = NormalDist().inv_cdf(0.5 + level / 2), successes / n
+    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float((centre - half) / (1 + z * z / n)), float((centre + half) / (1 + z * z / n))
+
+
+def _condition_change(condition: str, wav: np.ndarray, neutral: np.ndarray, sr: int, text: str = "",
+                      word: str = "") -> float:
+    """How far a rendering moved from its neutral twin the way ``condition`` asks: the speed factor
+    (neutral speech duration / this one) for rate conditions, the median-F0 shift in semitones for
+    pitch, and for emphasis the gain in the marked word's level over the rest (dB, against the same
+    window in the neutral rendering). NaN where either rendering cannot be measured."""
+    from .instruct import CONDITIONS, emphasis_contrast, median_f0, semitones, speech_duration, speech_span, word_window
+
+    cond = CONDITIONS[condition]
+    try:
+        if cond.emphasis:
+            gain = [emphasis_contrast(w, sr, word_window(text, word, speech_span(w, sr)))["level_db"] for w in (wav, neutral)]
+            return gain[0] - gain[1]
+        if cond.semitones:
+            return semitones(median_f0(wav, sr), median_f0(neutral, sr))
+        return speech_duration(neutral, sr) / speech_duration(wav, sr)
+    except ValueError:          # silent, unvoiced or too short to measure: counts as not following
+        return float("nan")
+
+
+def right_sign(condition: str, change: float) -> bool:
+    """Whether a measured change goes the way the condition asks (never for NaN)."""
+    from .instruct import CONDITIONS
+
+    cond = CONDITIONS[condition]
+    if not np.isfinite(change):
+        return False
+    if cond.emphasis:
+        return change > 0
+    if cond.semitones:
+        return bool(np.sign(change) == np.sign(cond.semitones))
+    return bool(np.sign(change - 1) == np.sign(cond.rate - 1))
+
+
+def corpus_instruction_changes(corpus_root: str | Path = "data/corpus", per_condition: int = 12) -> dict[str, list[float]]:
+    """:func:`_condition_change` of the instruct sub-corpus' own renderings against their neutral
+    twins (the first ``per_condition`` of each condition): what the training data shows the model."""
+    from .audio import load_wav
+    from .data import INSTRUCT_DIR, load_manifest
+
+    root = Path(corpus_root) / INSTRUCT_DIR
+    records = load_manifest(root)
+    by_id = {r["id"]: r for r in records}
+    out: dict[str, list[float]] = {}
+    for r in records:
+        if r["condition"] == "neutral" or len(out.get(r["condition"], [])) >= per_condition:
+            continue
+        wav, sr = load_wav(root / r["path"])
+        neutral, _ = load_wav(root / by_id[r["neutral_id"]]["path"], sr)
+        out.setdefault(r["condition"], []).append(
+            _condition_change(r["condition"], wav, neutral, sr, r["text"], r["emphasis_word"]))
+    return out
+
+
+def evaluate_instructions(tts, corpus_root: str | Path = "data/corpus", n: int = 4, seed: int = 0,
+                          conditions: tuple[str, ...] = ("very_slow", "slow", "fast", "very_fast", "high_pitch",
+                                                         "low_pitch", "emphasis"),
+                          progress: bool = True) -> dict:
+    """The objective instruction score: on :func:`synthesis_trials` (held-out English sentences,
+    held-out voices), synthesise each sentence without an instruction (``inference_cross_lingual``:
+    no LM prompt, the prompt voice in the flow), with each instruction's first English template
+    (``inference_instruct2``) and with one ``<strong>`` word; measure each against the neutral
+    synthesis (:func:`_condition_change`) and the content/voice cost (WER, resemblyzer SIM).
+
+    Returns ``changes`` (per condition, per trial), ``quality`` (without / with instruction), and
+    ``audio`` (the first trial's waveforms, for listening)."""
+    import random
+
+    from tqdm.auto import tqdm
+
+    from .audio import load_wav
+    from .instruct import instruction, mark_word
+
+    root, sr = Path(corpus_root), tts.sample_rate
+    asr, judge = SphinxASR(), SpeakerEncoder()
+    changes: dict[str, list[float]] = {c: [] for c in conditions}
+    quality = {k: {"ref": [], "hyp": [], "sim": []} for k in ("without instruction", "with instruction")}
+    audio: dict[str, np.ndarray] = {}
+    first_text = ""
+    for k, trial in enumerate(tqdm(synthesis_trials(root, n), desc="instruction evaluation", disable=not progress)):
+        target, prompt_rec = trial["target"], trial["prompt"]
+        prompt = load_wav(root / prompt_rec["path"])
+        text = target["text"]
+
+        def say(instruct: str = "", spoken: str = text) -> np.ndarray:
+            run = (tts.inference_instruct2(spoken, instruct, prompt, seed=seed) if instruct else
+                   tts.inference_cross_lingual(spoken, prompt, seed=seed))
+            return join_speech(run)[0].numpy()
+
+        neutral = say()
+        outputs = {"neutral": neutral}
+        for cond in conditions:
+            tagged, word = mark_word(text, random.Random(seed + k)) if cond == "emphasis" else (text, "")
+            wav = say(instruction(cond, "en"), tagged)
+            outputs[cond] = wav
+            changes[cond].append(_condition_change(cond, wav, neutral, sr, tagged, word))
+        for cond, wav in outputs.items():
+            row = quality["without instruction" if cond == "neutral" else "with instruction"]
+            row["ref"].append(text)
+            row["hyp"].append(asr.transcribe(wav, sr))
+            row["sim"].append(judge.similarity(wav, sr, *prompt))
+        if k == 0:
+            audio, first_text = outputs, text
+    return {"changes": changes, "audio": audio, "text": first_text,
+            "quality": {k: _quality(v["ref"], v["hyp"], v["sim"]) for k, v in quality.items()}}
+
+
+def _quality(refs: list[str], hyps: list[str], sims: list[float]) -> dict:
+    """WER and mean resemblyzer similarity of a set of renderings, each with a bootstrap 95 % interval
+    over renderings where there are two or more (what instructions cost)."""
+    out = {"WER": error_rate(refs, hyps, "en"), "SIM (resemblyzer)": float(np.mean(sims)), "n": len(refs)}
+    if len(refs) > 1:
+        errors, words = sentence_errors(refs, hyps, "en")
+        out.update({"WER 95%": bootstrap_interval(wer_of, errors, words),
+                    "SIM 95%": bootstrap_interval(np.mean, np.asarray(sims))})
+    return out
+
+
+def right_way_share(condition: str, changes: list[float]) -> str:
+    """The share of ``changes`` that went the way ``condition`` asks, with its Wilson 95 % interval
+    and the trial count (NaN trials count as not following)."""
+    k, n = sum(right_sign(condition, v) for v in changes), len(changes)
+    lo, hi = wilson_interval(k, n)
+    return f"{k / max(n, 1):4.0%} [{lo:3.0%}, {hi:4.0%}] n={n}"
+
+
+def instruction_table(model: dict[str, list[float]], corpus: dict[str, list[float]] | None = None) -> str:
+    """Per condition: what is measured, the mean change over the measurable trials and the share of
+    all trials that moved the right way (:func:`right_way_share`), for the model (and the engines'
+    own renderings, ``corpus``)."""
+    from .instruct import CONDITIONS
+
+    unit = {c: ("level gain dB" if CONDITIONS[c].emphasis else "pitch shift st" if CONDITIONS[c].semitones
+                else "speed factor") for c in model}
+    head = f"{'instruction':12s} {'measure':15s} {'asked':>7s} {'model':>8s} {'right way (95%, trials)':>26s}"
+    lines = [head + (f" {'corpus':>8s} {'right way (95%, trials)':>26s}" if corpus else "")]
+    for c, values in model.items():
+        cond = CONDITIONS[c]
+        asked = "louder" if cond.emphasis else f"{cond.semitones:+.0f} st" if cond.semitones else f"x{cond.rate:g}"
+        line = (f"{c:12s} {unit[c]:15s} {asked:>7s} {np.nanmean(values) if np.isfinite(values).any() else np.nan:8.2f} "
+                f"{right_way_share(c, values):>26s}")
+        if corpus:
+            line += f" {np.nanmean(corpus[c]):8.2f} {right_way_share(c, corpus[c]):>26s}"
+        lines.append(line)
+    return "\n".join(lines)
