@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--modes", default="offline,FM stream,LM stream,LM+FM stream",
                    help="comma-separated: offline, FM stream, LM stream, LM+FM stream (Table 8's grid); with "
-                        "--per-voice also GL true mel, HiFT true mel, flow true tokens (the stage table)")
+                        "--per-voice also GL true mel, HiFT true mel, flow true tokens (the stage table) and "
+                        "no LM prompt (the LM without the prompt, as cross-lingual)")
     e.add_argument("--incremental", action="store_true")
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--json", help="also write the table as JSON")

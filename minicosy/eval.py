@@ -242,6 +242,9 @@ def recording_wer_by_voice(corpus_root: str | Path = "data/corpus", splits: tupl
 # Table 8's grid: (LM streaming = text fed in 5-token chunks, bistream; flow/vocoder streaming)
 EVAL_MODES = {"offline": (False, False), "FM stream": (False, True), "LM stream": (True, False),
               "LM+FM stream": (True, True)}
+# offline, the LM given no prompt (``inference_cross_lingual``: the flow keeps the prompt's voice):
+# against "offline", what continuing the prompt's speech tokens costs the LM (the zero-shot layout)
+NO_LM_PROMPT = "no LM prompt"
 
 
 def _word_stream(text: str) -> Iterator[str]:
@@ -327,7 +330,8 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
     """Each voice's synthesis next to its own recordings of the same sentences: per voice of
     :func:`voice_trials`, pocketsphinx's WER of the recordings and of zero-shot synthesis in each
     mode (a voice's own recording is the prompt), their ratio, and speaker similarity to the prompt
-    (resemblyzer, CAM++). A mode of :data:`TRUE_INPUT_MODES` re-makes each recording from its true
+    (resemblyzer, CAM++); :data:`NO_LM_PROMPT` leaves the prompt out of the LM. A mode of
+    :data:`TRUE_INPUT_MODES` re-makes each recording from its true
     mel or tokens instead (:func:`true_input_audio`): the stage table, per voice. ``"readable"``
     pools the voices whose recordings are read at WER <= :data:`READABLE_WER`, where the
     intelligibility bars are taken (ratios of pooled WERs)."""
@@ -335,9 +339,10 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
 
     from .audio import load_wav
 
-    unknown = set(modes) - EVAL_MODES.keys() - TRUE_INPUT_MODES.keys()
+    unknown = set(modes) - {*EVAL_MODES, *TRUE_INPUT_MODES, NO_LM_PROMPT}
     if unknown:
-        raise ValueError(f"unknown evaluation modes {sorted(unknown)}; choose from {[*EVAL_MODES, *TRUE_INPUT_MODES]}")
+        raise ValueError(f"unknown evaluation modes {sorted(unknown)}; "
+                         f"choose from {[*EVAL_MODES, *TRUE_INPUT_MODES, NO_LM_PROMPT]}")
     root, asr, judge = Path(corpus_root), SphinxASR(), SpeakerEncoder()
     trials = voice_trials(root, voices, per_voice)
     rows: dict[str, dict] = {}
@@ -353,6 +358,8 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
                 if mode in TRUE_INPUT_MODES:
                     wav = true_input_audio(tts, mode, load_wav(root / target["path"], tts.sample_rate)[0],
                                            tts.frontend.prompt((prompt_wav, psr)), seed)
+                elif mode == NO_LM_PROMPT:
+                    wav = join_speech(tts.inference_cross_lingual(target["text"], (prompt_wav, psr), seed=seed))[0].numpy()
                 else:
                     lm_stream, fm_stream = EVAL_MODES[mode]
                     text = _word_stream(target["text"]) if lm_stream else target["text"]

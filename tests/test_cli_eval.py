@@ -6,9 +6,9 @@ import soundfile as sf
 import pytest
 
 from minicosy.__main__ import DEMO_VOICE, main
-from minicosy.eval import (READABLE_WER, STAGES, EVAL_MODES, TRUE_INPUT_MODES, _word_stream, evaluate_tts, evaluate_voices,
-                           format_table, format_voice_table, recording_wer_by_voice, stage_unit_error, stage_wer,
-                           synthesis_trials, voice_trials)
+from minicosy.eval import (EVAL_MODES, NO_LM_PROMPT, READABLE_WER, STAGES, TRUE_INPUT_MODES, _word_stream, evaluate_tts,
+                           evaluate_voices, format_table, format_voice_table, recording_wer_by_voice, stage_unit_error,
+                           stage_wer, synthesis_trials, voice_trials)
 from minicosy.pipeline import CosyVoice2
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -82,13 +82,14 @@ def test_evaluate_voices_compares_each_voice_with_its_own_recordings(corpus_root
 def test_evaluate_voices_takes_the_stage_table_per_voice(corpus_root):
     """The true-input modes re-make each voice's recordings from their true mel or tokens, beside
     the zero-shot synthesis of the same sentences: bar 4's stage table, like with like."""
-    modes = (*TRUE_INPUT_MODES, "offline")
+    modes = (*TRUE_INPUT_MODES, "offline", NO_LM_PROMPT)
     result = evaluate_voices(CosyVoice2.from_pretrained("tiny"), corpus_root, "heldout", per_voice=2, modes=modes,
                              progress=False)
     row = result["voices"]["flite_rms"]
     assert result["modes"] == list(modes) and all(len(row["hyps"][m]) == 2 for m in modes)
     assert row["WER GL true mel"] <= row["WER recordings"] + 0.34     # Griffin-Lim keeps most words
     assert "delta offline 95%" in result["pooled"]["all"]             # each stage against the first
+    assert (row["hyps"][NO_LM_PROMPT], row["SIM no LM prompt (CAM++)"]) != (row["hyps"]["offline"], row["SIM offline (CAM++)"])
     assert "HiFT true mel" in format_voice_table(result)
     with pytest.raises(ValueError, match="flow true tokens"):
         evaluate_voices(CosyVoice2.from_pretrained("tiny"), corpus_root, "heldout", per_voice=1, modes=("HiFT",))
