@@ -526,6 +526,31 @@ def corpus_examples(corpus_root: str | Path, splits: Iterable[str], text_tokeniz
     return lm_examples([r for s in splits for r in load_manifest(corpus_root, s)], text_tokenizer, tokens)
 
 
+def prompt_pairs(examples: list[dict], share: float, rng: random.Random) -> list[dict]:
+    """Zero-shot continuations to train on: for ``share`` of ``examples`` (at random; instruct ones
+    excepted), a copy with another utterance of its speaker and language in front, text before text
+    and speech before speech, as :meth:`TextSpeechLM.inference` lays out prompt and target (§2.3,
+    ICL). An LM trained on single utterances only has never continued speech past the end of the
+    text it covers; at small scale that costs zero-shot synthesis its first words."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"the share of prompt pairs must be in [0, 1], got {share}")
+    by_voice: dict[tuple[str, str], list[dict]] = {}
+    for ex in examples:
+        if not ex.get("instruct"):
+            by_voice.setdefault((ex["speaker"], ex["lang"]), []).append(ex)
+    out = []
+    for ex in examples:
+        others = by_voice.get((ex["speaker"], ex["lang"]), [])
+        if ex.get("instruct") or len(others) < 2 or rng.random() >= share:
+            continue
+        prompt = ex
+        while prompt is ex:
+            prompt = rng.choice(others)
+        out.append({**ex, "id": f"{prompt['id']}+{ex['id']}", "text": torch.cat([prompt["text"], ex["text"]]),
+                    "speech": torch.cat([prompt["speech"], ex["speech"]])})
+    return out
+
+
 def collate_lm(items: list[dict]) -> dict[str, torch.Tensor]:
     """Zero-padded ``text_token``/``speech_token`` with their lengths (the forward's arguments), and
     ``units``/``unit_len`` when every item has ``units``."""
@@ -629,6 +654,8 @@ def train_main(argv: list[str] | None = None) -> None:
     p.add_argument("--instruct-repeat", type=int, default=2, help="times each instruct example is seen per epoch")
     p.add_argument("--augmented-copies", type=int, default=0,
                    help="add this many copies of the train split tokenised from tempo/VTLP-augmented audio")
+    p.add_argument("--prompt-pairs", type=float, default=0.0, help="add this share of the train split again "
+                   "with another utterance of the same voice in front (zero-shot continuations, lm.prompt_pairs)")
     p.add_argument("--init", help="start from this LM checkpoint's weights (same sizes) instead of at random")
     p.add_argument("--snapshots", help="keep the weights at every validation in this folder (for a learning curve: "
                                        "scripts/learning_curve.py)")
@@ -644,6 +671,7 @@ def train_main(argv: list[str] | None = None) -> None:
                                                    else "data/checkpoints/text_tokenizer"))
     train = [ex for k in range(a.augmented_copies + 1)
              for ex in corpus_examples(a.corpus, ["train"], tok, a.speech_tokenizer, augmented_copy=k)]
+    train += prompt_pairs(train, a.prompt_pairs, random.Random(a.seed))
     instruct = Path(a.corpus) / INSTRUCT_DIR
     if not a.no_instruct:
         if not (instruct / "manifest.jsonl").exists():
