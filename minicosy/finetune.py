@@ -21,7 +21,8 @@ import torch
 from torch.nn.functional import normalize
 
 from .eval import SpeakerEncoder, SphinxASR, error_rate
-from .lm import TextSpeechLM, lm_batches
+from .lm import TextSpeechLM
+from .lm_train import lm_batches
 from .rl import asr_reward_loss, dpo_batch, dpo_step_loss, preference_pairs
 from .speech_tokenizer import SpeechTokenizer, unit_ids
 from .train import TrainConfig, TrainLog, train_loop
@@ -157,7 +158,7 @@ def rl_experiment(tts, corpus_root: str | Path, tokenizer_path: str | Path, minu
     then L_ASR), each judged zero-shot on held-out sentences and voices (WER, speaker similarity)."""
     from .data import load_manifest
     from .eval import evaluate_tts
-    from .lm import corpus_examples
+    from .lm_train import corpus_examples
 
     root, base = Path(corpus_root), tts.lm
     manifest = load_manifest(root, "train")
@@ -216,7 +217,7 @@ def msft_experiment(tts, corpus_root: str | Path, tokenizer_path: str | Path, mi
     training voices (``unknown`` for the rest), then compare :func:`tag_similarity` of the tuned
     LM with that of the shipped LM given the same tags (which never saw them)."""
     from .data import load_manifest
-    from .lm import corpus_examples
+    from .lm_train import corpus_examples
     from .rl import tag_examples
 
     root = Path(corpus_root)

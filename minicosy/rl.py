@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from .instruct import END_OF_PROMPT
-from .lm import IGNORE_ID, TextSpeechLM, collate_lm
+from .lm import IGNORE_ID, TextSpeechLM
+from .lm_train import collate_lm
 from .speech_tokenizer import SpeechTokenizer
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 RECIPES = {"tokenizer": "minicosy.speech_tokenizer:train_main",
            "text_tokenizer": "minicosy.text_tokenizer:train_main",
-           "lm": "minicosy.lm:train_main",
+           "lm": "minicosy.lm_train:train_main",
            "flow": "minicosy.flow:train_main",
            "hift": "minicosy.hift:train_main",
            "campplus": "minicosy.campplus:train_main",

@@ -131,7 +131,8 @@ def test_lm_recipe_steps_on_the_gpu():
     import random
 
     from minicosy.config import get_config
-    from minicosy.lm import TextSpeechLM, collate_lm
+    from minicosy.lm import TextSpeechLM
+    from minicosy.lm_train import collate_lm
 
     g = torch.Generator().manual_seed(0)
     items = [{"text": torch.randint(0, 500, (n,), generator=g), "speech": torch.randint(0, 6561, (4 * n,), generator=g)}

@@ -13,7 +13,7 @@ from minicosy.engines import VOICES, engine_available, synthesize
 from minicosy.instruct import (CONDITIONS, END_OF_PROMPT, TEMPLATES, emphasis_contrast, instruction, mark_word,
                                median_f0, render_voice, semitones, speech_duration, speech_span, unsupported,
                                word_window)
-from minicosy.lm import lm_examples
+from minicosy.lm_train import lm_examples
 from minicosy.text_tokenizer import TextTokenizer
 
 from .conftest import ROOT

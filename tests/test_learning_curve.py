@@ -3,7 +3,8 @@ import importlib.util
 
 import torch
 
-from minicosy.lm import TextSpeechLM, train_lm
+from minicosy.lm import TextSpeechLM
+from minicosy.lm_train import train_lm
 from minicosy.train import TrainConfig, save_snapshot
 
 from .conftest import ROOT

@@ -401,28 +401,3 @@ def test_length_bounds_fit_the_corpus_for_each_kind_of_text_unit(corpus_root, un
     with pytest.raises(ValueError, match="text units"):
         lm_for_units(cfg, "letters")
 
-
-def test_prompt_pairs_put_a_same_voice_utterance_in_front():
-    """Zero-shot continuations for training: text before text, speech before speech, the prompt
-    another utterance of the same voice and language, instruct examples never paired."""
-    from minicosy.lm import prompt_pairs
-
-    def ex(i: int, speaker: str, lang: str = "en", instruct: bool = False) -> dict:
-        return {"id": f"u{i}", "speaker": speaker, "lang": lang, "instruct": instruct,
-                "text": torch.tensor([i, i]), "speech": torch.full((i + 1,), i)}
-
-    examples = [ex(1, "a"), ex(2, "a"), ex(3, "a"), ex(4, "b"), ex(5, "c"), ex(6, "c", "zh"), ex(7, "a", instruct=True)]
-    pairs = prompt_pairs(examples, 1.0, random.Random(0))
-    assert sorted(p["id"].split("+")[1] for p in pairs) == ["u1", "u2", "u3"]     # b, c: no second utterance
-    by_id = {e["id"]: e for e in examples}
-    for p in pairs:
-        prompt, target = (by_id[k] for k in p["id"].split("+"))
-        assert prompt is not target and prompt["speaker"] == target["speaker"] and not prompt["instruct"]
-        assert torch.equal(p["text"], torch.cat([prompt["text"], target["text"]]))
-        assert torch.equal(p["speech"], torch.cat([prompt["speech"], target["speech"]]))
-    assert [p["id"] for p in prompt_pairs(examples, 1.0, random.Random(0))] == [p["id"] for p in pairs]
-    assert prompt_pairs(examples, 0.0, random.Random(0)) == []
-    half = prompt_pairs([ex(i, "a") for i in range(400)], 0.5, random.Random(1))
-    assert 160 < len(half) < 240
-    with pytest.raises(ValueError, match="share of prompt pairs"):
-        prompt_pairs(examples, 1.5, random.Random(0))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from minicosy.config import LMConfig
-from minicosy.lm import TextSpeechLM, collate_lm, train_lm
+from minicosy.lm import TextSpeechLM
+from minicosy.lm_train import collate_lm, train_lm
 from minicosy.lm_align import AlignmentHead
 from minicosy.train import TrainConfig, main
 
