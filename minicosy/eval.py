@@ -345,6 +345,7 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
                          f"choose from {[*EVAL_MODES, *TRUE_INPUT_MODES, NO_LM_PROMPT]}")
     root, asr, judge = Path(corpus_root), SphinxASR(), SpeakerEncoder()
     trials = voice_trials(root, voices, per_voice)
+    true_input = [m for m in modes if m in TRUE_INPUT_MODES]
     rows: dict[str, dict] = {}
     for voice, vtrials in tqdm(trials.items(), desc=f"{voices} voices", disable=not progress):
         texts = [t["target"]["text"] for t in vtrials]
@@ -354,10 +355,12 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
             target, prompt = trial["target"], trial["prompt"]
             prompt_wav, psr = load_wav(root / prompt["path"])
             hyps["recordings"].append(asr.transcribe(*load_wav(root / target["path"])))
+            if true_input:          # the recording at the model's rate and the prompt's features, once per trial
+                recording = load_wav(root / target["path"], tts.sample_rate)[0]
+                features = tts.frontend.prompt((prompt_wav, psr))
             for mode in modes:
                 if mode in TRUE_INPUT_MODES:
-                    wav = true_input_audio(tts, mode, load_wav(root / target["path"], tts.sample_rate)[0],
-                                           tts.frontend.prompt((prompt_wav, psr)), seed)
+                    wav = true_input_audio(tts, mode, recording, features, seed)
                 elif mode == NO_LM_PROMPT:
                     wav = join_speech(tts.inference_cross_lingual(target["text"], (prompt_wav, psr), seed=seed))[0].numpy()
                 else:
