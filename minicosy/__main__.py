@@ -153,6 +153,15 @@ def eval_command(args: argparse.Namespace) -> None:
             raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
         tts.lm.cfg.top_k = args.top_k
     modes = tuple(m.strip() for m in args.modes.split(","))
+    if args.instructions:
+        from .eval_instruct import corpus_instruction_changes, evaluate_instructions, instruction_table, quality_table
+
+        result = evaluate_instructions(tts, args.corpus, n=args.n, seed=args.seed)
+        print(instruction_table(result["changes"], corpus_instruction_changes(args.corpus)))
+        print("\n" + quality_table(result["quality"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps({k: result[k] for k in ("changes", "quality")}, indent=1))
+        return
     if args.per_voice:
         result = evaluate_voices(tts, args.corpus, args.voices, args.per_voice, modes, seed=args.seed)
         result["top_k"] = tts.lm.cfg.top_k
@@ -246,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
                         "paired bootstrap 95%% interval (pooled over the readable voices)")
     e.add_argument("--top-k", type=int, metavar="K",
                    help="the LM's RAS top-k for this evaluation (default: the checkpoint's; the paper's is 25, §2.3)")
+    e.add_argument("--instructions", action="store_true",
+                   help="instead: instruction following (§2.6, Table 10 analogue) over --n held-out trials, each "
+                        "condition's right-way share with its Wilson 95%% interval next to the engines' own renderings")
     e.add_argument("--stages", action="store_true",
                    help="also print where the words are lost: WER and the speech tokenizer's unit error after each stage")
     sub.add_parser("lab", help="trust the notebooks and open the app (notebook 10) in JupyterLab; "

@@ -239,6 +239,7 @@ class CorpusConfig:
     large_thin: int = 500             # sentences for each other English training voice
     large_dev_fraction: float = 0.02  # of the large training sentences (by hash); the rest is train
     large_eval: int = 60              # more sentences, read by every English voice: the "eval" split
+    large_instruct: int = 600         # large-corpus training sentences in <large_root>/instruct (§2.6)
 
 
 @dataclass

@@ -291,10 +291,29 @@ def build_large(cfg: CorpusConfig | None = None, workers: int | None = None, chu
     return summary
 
 
-def plan_instruct(texts: dict[str, list[str]], voices: list[Voice], cfg: CorpusConfig) -> tuple[list[Job], list[dict]]:
+def instruct_pools(texts: dict[str, list[str]], cfg: CorpusConfig) -> dict[str, list[tuple[str, str]]]:
+    """The small corpus' training sentences per language, ``(sentence id, text)``: what the instruct
+    sub-corpus draws from."""
+    return {lang: [(f"{lang}{i:04d}", t) for i, t in enumerate(sentences) if sentence_split(f"{lang}{i:04d}", cfg) == "train"]
+            for lang, sentences in texts.items()}
+
+
+def large_instruct_pools(large: dict[str, list[str]], cfg: CorpusConfig) -> dict[str, list[tuple[str, str]]]:
+    """The large corpus' English training sentences of its main voices (:func:`plan_large`'s
+    shuffle, ``dev`` ones left out): what the large instruct sub-corpus draws from, so that it never
+    holds a dev, test, held-out or ``eval`` sentence."""
+    pool = [(f"{src[:2]}{i:05d}", text) for src, sentences in sorted(large.items()) for i, text in enumerate(sentences)]
+    random.Random(cfg.seed + 17).shuffle(pool)
+    main = pool[:sum(n for _, n in cfg.large_voices)]
+    return {"en": [(sid, t) for sid, t in main if sentence_hash(sid, cfg) >= cfg.large_dev_fraction]}
+
+
+def plan_instruct(pools: dict[str, list[tuple[str, str]]], voices: list[Voice], cfg: CorpusConfig,
+                  counts: tuple[tuple[str, int], ...] | None = None) -> tuple[list[Job], list[dict]]:
     """Jobs of the instruct sub-corpus and the (engine, condition) pairs skipped, with why.
 
-    Per language, ``cfg.instruct_sentences`` training sentences (a seeded draw). Each is rendered by
+    Per language, ``counts`` (default ``cfg.instruct_sentences``) training sentences drawn (seeded)
+    from ``pools`` (:func:`instruct_pools`, :func:`large_instruct_pools`). Each is rendered by
     one training voice (round robin) neutrally and under every condition its engine supports; the
     conditions it cannot render (pitch, emphasis) go to a voice that can (round robin over those),
     with a neutral rendering of its own. Each instructed rendering gets one template, its language
@@ -302,13 +321,12 @@ def plan_instruct(texts: dict[str, list[str]], voices: list[Voice], cfg: CorpusC
     """
     rng = random.Random(cfg.seed + 9)
     jobs, skipped = [], {}
-    for lang, n in cfg.instruct_sentences:
+    for lang, n in counts or cfg.instruct_sentences:
         train_voices = [v for v in voices if v.lang == lang and not v.heldout]
-        pool = [i for i in range(len(texts.get(lang, []))) if sentence_split(f"{lang}{i:04d}", cfg) == "train"]
+        pool = pools.get(lang, [])
         if not train_voices or not pool:
             continue
-        for k, i in enumerate(sorted(rng.sample(pool, min(n, len(pool))))):
-            sid, text = f"{lang}{i:04d}", texts[lang][i]
+        for k, (sid, text) in enumerate(sorted(rng.sample(pool, min(n, len(pool))))):
             todo = list(CONDITIONS.values())[1:]
             for voice in [train_voices[k % len(train_voices)]] + train_voices[k % len(train_voices) + 1:] + train_voices:
                 mine = [c for c in todo if not unsupported(voice, c)]
@@ -330,14 +348,19 @@ def plan_instruct(texts: dict[str, list[str]], voices: list[Voice], cfg: CorpusC
     return jobs, [{"engine": e, "condition": c, "reason": r} for (e, c), r in sorted(skipped.items())]
 
 
-def build_instruct(cfg: CorpusConfig | None = None, workers: int | None = None) -> dict:
+def build_instruct(cfg: CorpusConfig | None = None, workers: int | None = None, large: bool = False) -> dict:
     """Render the instruct sub-corpus into ``<cfg.root>/instruct`` (its own ``manifest.jsonl`` with
     ``instruction``, ``condition``, ``rate``, ``semitones``, ``emphasis_word``, ``plain_text`` and
-    ``neutral_id``); returns the summary written to its ``corpus.json``."""
+    ``neutral_id``); with ``large``, ``cfg.large_instruct`` English sentences of the large corpus into
+    ``<cfg.large_root>/instruct``. Returns the summary written to its ``corpus.json``."""
     cfg = cfg or CorpusConfig()
-    root, start = Path(cfg.root) / INSTRUCT_DIR, time.time()
+    root, start = Path(cfg.large_root if large else cfg.root) / INSTRUCT_DIR, time.time()
     voices = [v for v in VOICES if engine_available(v.engine)]
-    jobs, skipped = plan_instruct(read_texts(cfg.texts), voices, cfg)
+    if large:
+        jobs, skipped = plan_instruct(large_instruct_pools(read_large_texts(cfg.texts), cfg), voices, cfg,
+                                      (("en", cfg.large_instruct),))
+    else:
+        jobs, skipped = plan_instruct(instruct_pools(read_texts(cfg.texts), cfg), voices, cfg)
     records, dropped = render_jobs(jobs, root, cfg.sample_rate, workers)
     kept = {r["id"] for r in records}      # an instructed rendering needs its neutral twin
     records = [r for r in records if r["neutral_id"] in kept]
@@ -437,6 +460,14 @@ def print_stats(summary: dict) -> None:
             print(f"  {name:18s} {s['utterances']:5d} utt  {s['hours'] * 60:6.1f} min")
 
 
+def print_instruct(summary: dict) -> None:
+    print(f"\ninstruct sub-corpus: {summary['utterances']} utterances, {summary['hours'] * 60:.1f} min in "
+          f"{summary['build_seconds']} s; per condition "
+          + ", ".join(f"{k} {v['utterances']}" for k, v in summary["per_condition"].items()))
+    for skip in summary["skipped"]:
+        print(f"  {skip['condition']} not rendered by {skip['engine']}: {skip['reason']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minicosy.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -454,10 +485,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--root", default=CorpusConfig.root)
     args = parser.parse_args(argv)
     if args.cmd == "build" and args.size == "large":
-        summary = build_large(CorpusConfig(large_root=args.root or CorpusConfig.large_root, texts=args.texts), args.workers)
+        cfg = CorpusConfig(large_root=args.root or CorpusConfig.large_root, texts=args.texts)
+        summary = build_large(cfg, args.workers)
         print_stats(summary)
         print(f"\n{summary['sentences']} distinct sentences; fingerprint {summary['fingerprint']['sha256'][:16]}; "
               f"built in {summary['build_seconds']} s")
+        if args.force or not (Path(cfg.large_root) / INSTRUCT_DIR / "manifest.jsonl").exists():
+            print_instruct(build_instruct(cfg, args.workers, large=True))
     elif args.cmd == "build":
         args.root = args.root or CorpusConfig.root
         if args.if_missing and (Path(args.root) / "manifest.jsonl").exists():
@@ -468,12 +502,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\nfingerprint {summary['fingerprint']['sha256'][:16]}; built in {summary['build_seconds']} s; skipped engines: {summary['skipped_engines'] or 'none'}; "
                   f"dropped {len(summary['dropped'])} utterances outside {MIN_SECONDS}-{MAX_SECONDS} s")
         if args.limit is None and not (args.if_missing and (Path(args.root) / INSTRUCT_DIR / "manifest.jsonl").exists()):
-            summary = build_instruct(CorpusConfig(root=args.root, texts=args.texts), args.workers)
-            print(f"\ninstruct sub-corpus: {summary['utterances']} utterances, {summary['hours'] * 60:.1f} min in "
-                  f"{summary['build_seconds']} s; per condition "
-                  + ", ".join(f"{k} {v['utterances']}" for k, v in summary["per_condition"].items()))
-            for skip in summary["skipped"]:
-                print(f"  {skip['condition']} not rendered by {skip['engine']}: {skip['reason']}")
+            print_instruct(build_instruct(CorpusConfig(root=args.root, texts=args.texts), args.workers))
     else:
         print_stats(corpus_stats(load_manifest(args.root)))
 

@@ -3,10 +3,11 @@ rendering moved from its neutral twin the way its instruction asks (speed factor
 semitones, the marked word's level gain), for the model and for the engines' own renderings, each
 "right way" share with its binomial (Wilson) interval.
 
-Usage::
+Usage (or ``python -m minicosy eval --instructions --n 16``)::
 
     result = evaluate_instructions(tts, "data/corpus", n=16)
     print(instruction_table(result["changes"], corpus_instruction_changes("data/corpus")))
+    print(quality_table(result["quality"]))
 """
 from __future__ import annotations
 
@@ -175,4 +176,16 @@ def instruction_table(model: dict[str, list[float]], corpus: dict[str, list[floa
         if corpus:
             line += f" {np.nanmean(corpus[c]):8.2f} {right_way_share(c, corpus[c]):>26s}"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def quality_table(quality: dict[str, dict]) -> str:
+    """What instructions cost (:func:`evaluate_instructions`' ``quality``): WER and resemblyzer
+    similarity without and with an instruction, each with its bootstrap 95 % interval where there is one."""
+    def cell(q: dict, key: str) -> str:
+        value = f"{q[key if key == 'WER' else 'SIM (resemblyzer)']:.3f}"
+        return value + (" [{:.3f}, {:.3f}]".format(*q[f"{key} 95%"]) if f"{key} 95%" in q else "")
+
+    lines = [f"{'':20s} {'WER (95%)':>22s} {'SIM (95%)':>22s} {'n':>4s}"]
+    lines += [f"{row:20s} {cell(q, 'WER'):>22s} {cell(q, 'SIM'):>22s} {q['n']:4d}" for row, q in quality.items()]
     return "\n".join(lines)

@@ -29,6 +29,7 @@ Usage::
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict
@@ -48,7 +49,8 @@ from .config import FeatureConfig, HiFTConfig, get_config
 from .data import load_manifest
 from .train import (TrainConfig, TrainLog, average_gradients, broadcast_parameters, from_main, is_main_process,
                     load_checkpoint, load_state_dict_checked, local_batch, lr_factor, make_optimizer, mean_over_ranks,
-                    model_from_checkpoint, read_torch_file, recipe_parser, save_checkpoint, seed_everything)
+                    model_from_checkpoint, read_torch_file, recipe_parser, save_checkpoint, seed_everything,
+                    state_file, write_state)
 
 
 class Snake(nn.Module):
@@ -532,14 +534,20 @@ def generator_adversarial_loss(real: list, fake: list) -> tuple[torch.Tensor, to
 def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", minutes: float = 15.0,
                gan_after: float = 0.5, out: str | Path | None = None, batch_size: int = 8, seed: int = 0,
                threads: int = 2, init: str | Path | None = None, input_mels: dict[str, torch.Tensor] | None = None,
-               input_name: str = "flow mel (fmax 8000)", utterances: int | None = None
+               input_name: str = "flow mel (fmax 8000)", utterances: int | None = None,
+               max_steps: int | None = None, state_path: str | Path | None = None, state_minutes: float = 5.0
                ) -> tuple[HiFTGenerator, TrainLog]:
     """Train HiFT on the corpus' train split: 45·mel L1 + MR-STFT + F0 L1 (Hz/100) throughout, LSGAN
     + 2·feature matching once ``gan_after`` of the time budget has passed; AdamW (0.8, 0.99), warm-up
     + cosine. From scratch or from the generator checkpoint ``init``; on the recordings' mels or on
     ``input_mels`` (per utterance id, e.g. the flow's ground-truth-aligned mels; ``input_name`` goes
-    on the card); on all train utterances or a seeded sample of ``utterances``. Saves the generator
-    (float16) with its loss curve.
+    on the card); on all train utterances or a seeded sample of ``utterances``; for ``minutes``
+    or ``max_steps``, whichever ends first (the schedule and the discriminators' start follow it).
+    Saves the generator (float16) with its loss curve.
+
+    With ``state_path``, both networks, both optimisers, the step, the clock, the loss curve and the
+    random states (segment draws, the source's noise) are written there every ``state_minutes``; the
+    same call started again resumes from it and ends where one uninterrupted run would.
 
     Under ``torchrun`` each rank takes its share of every step's batches and the two networks'
     gradients are averaged over ranks by hand (:func:`~minicosy.train.average_gradients`: the
@@ -552,13 +560,29 @@ def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", mi
         load_hift_state_dict(gen, load_checkpoint(init)["state_dict"])
     broadcast_parameters(gen, disc)
     tcfg = TrainConfig(lr=1e-3, betas=(0.8, 0.99), max_minutes=minutes, warmup_steps=100, seed=seed,
-                       threads=threads, grad_clip=10.0)
+                       threads=threads, grad_clip=10.0, max_steps=max_steps or TrainConfig.max_steps,
+                       state_path=None if state_path is None else str(state_path), state_minutes=state_minutes)
     opt_g, opt_d = make_optimizer(gen, tcfg), make_optimizer(disc, tcfg)
-    batches = random_segments(records, corpus_root, batch_size, np.random.default_rng(seed), input_mels=input_mels)
+    parts = {"generator": gen, "discriminator": disc, "opt_g": opt_g, "opt_d": opt_d}
+    rng, state = np.random.default_rng(seed), None if state_path is None else Path(state_path)
     log, start, step = TrainLog(extra={"gan_from_step": None}), time.time(), 0
-    bar = tqdm(desc="HiFT", unit="step", disable=not is_main_process())
+    if state is not None and state.exists():           # resume: the clock, the schedule and the draws go on
+        saved = torch.load(state, map_location="cpu", weights_only=True)
+        for key, part in parts.items():
+            part.load_state_dict(saved[key])
+        step, log, start = saved["step"], TrainLog(**saved["log"]), start - saved["elapsed"]
+        rng.bit_generator.state = json.loads(saved["segment_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+    batches = random_segments(records, corpus_root, batch_size, rng, input_mels=input_mels)
+    bar = tqdm(desc="HiFT", unit="step", disable=not is_main_process(), initial=step)
+    next_save = time.time() - start + state_minutes * 60
     gen.train()
-    while (progress := from_main((time.time() - start) / (60 * minutes))[0]) < 1.0:
+    while (progress := from_main(max(step / tcfg.max_steps, (time.time() - start) / (60 * minutes)))[0]) < 1.0:
+        if state is not None and is_main_process() and time.time() - start >= next_save:
+            write_state(state, {**{k: p.state_dict() for k, p in parts.items()}, "step": step, "log": asdict(log),
+                                "elapsed": time.time() - start, "segment_rng": json.dumps(rng.bit_generator.state),
+                                "torch_rng": torch.get_rng_state()})
+            next_save = time.time() - start + state_minutes * 60
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
                 group["lr"] = tcfg.lr * lr_factor(step, progress, tcfg)
@@ -596,6 +620,8 @@ def train_hift(corpus_root: str | Path = "data/corpus", preset: str = "tiny", mi
     bar.close()
     gen.eval()
     log.seconds = round(time.time() - start, 1)
+    if state is not None and is_main_process() and state.exists():
+        state.unlink()                                  # finished: nothing left to resume
     if out is not None:
         save_checkpoint(out, gen, asdict(gen.cfg), tcfg, log, steps=step,
                         recipe={"segment_frames": SEGMENT_FRAMES, "batch_size": batch_size, "gan_after": gan_after,
@@ -661,7 +687,7 @@ def train_main(argv: list[str] | None = None) -> None:
         name = f"ground-truth-aligned mels of {a.gta_flow} (train split; prompt: the next utterance of the voice)"
     model, _ = train_hift(a.corpus, minutes=a.minutes, gan_after=a.gan_after, out=a.out, seed=a.seed,
                           threads=a.threads, init=a.init, input_mels=mels, input_name=name,
-                          utterances=a.utterances)
+                          utterances=a.utterances, state_path=state_file(a.state, a.out))
     if not is_main_process():
         return
     for name, m in compare_with_griffin_lim(model, [r["wav"] for r in heldout_audio(a.corpus)]).items():

@@ -239,12 +239,10 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
     next_save = time.time() - start + cfg.state_minutes * 60
 
     def save_state(step: int) -> None:
-        tmp = state.with_suffix(".tmp")
-        torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
-                    "step": step, "elapsed": time.time() - start, "running": running, "log": asdict(log),
-                    "next_check": next_check,
-                    "best": best and {"score": best[0], "step": best[1], "weights": best[2]}}, tmp)
-        tmp.replace(state)
+        write_state(state, {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+                            "step": step, "elapsed": time.time() - start, "running": running, "log": asdict(log),
+                            "next_check": next_check,
+                            "best": best and {"score": best[0], "step": best[1], "weights": best[2]}})
 
     def check(step: int) -> None:
         nonlocal best
@@ -296,6 +294,14 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: Callable[[obj
     if state is not None and rank == 0 and state.exists():
         state.unlink()                                   # finished: nothing left to resume
     return log
+
+
+def write_state(path: Path, state: dict) -> None:
+    """Save a training state atomically (to a temporary file, then renamed), so that a run stopped
+    while saving leaves the previous state intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def save_snapshot(path: Path, model: torch.nn.Module, step: int, elapsed: float, score: float) -> None:

@@ -111,6 +111,19 @@ def test_eval_command_top_k_sets_the_samplers_k_and_refuses_zero(corpus_root, tm
     assert "--top-k must be at least 1" in capsys.readouterr().err
 
 
+def test_eval_command_instructions_prints_each_condition_and_the_cost(corpus_root, tmp_path, capsys):
+    out = tmp_path / "instructions.json"
+    main(["eval", "--corpus", str(corpus_root), "--instructions", "--n", "1", "--threads", "1", "--json", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    conditions = ["very_slow", "slow", "fast", "very_fast", "high_pitch", "low_pitch", "emphasis"]
+    assert lines[0].split()[0] == "instruction" and [ln.split()[0] for ln in lines[1:8]] == conditions
+    assert all("n=1" in ln and "n=12" in ln for ln in lines[1:8])        # the model's trial, the corpus' renderings
+    assert [ln.split()[-1] for ln in lines[-2:]] == ["1", "7"]            # without / with an instruction
+    result = json.loads(out.read_text())
+    assert list(result["changes"]) == conditions and all(len(v) == 1 for v in result["changes"].values())
+    assert result["quality"]["with instruction"]["n"] == 7
+
+
 def test_eval_command_compare_prints_the_paired_difference(tmp_path, capsys):
     refs = ["the first sentence", "a second one here", "and the third"]
     result = {"modes": ["offline"], "voices": {"v": {"refs": refs, "hyps": {"offline": refs}, "sims": {"offline": [[0.5] * 3] * 2}}},

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from minicosy.config import CorpusConfig
-from minicosy.data import INSTRUCT_DIR, load_manifest, plan_instruct, read_texts
+from minicosy.data import (INSTRUCT_DIR, instruct_pools, large_instruct_pools, load_manifest, plan_instruct, plan_large,
+                           read_large_texts, read_texts)
 from minicosy.engines import VOICES, engine_available, synthesize
 from minicosy.instruct import (CONDITIONS, END_OF_PROMPT, TEMPLATES, emphasis_contrast, instruction, mark_word,
                                median_f0, render_voice, semitones, speech_duration, speech_span, unsupported,
@@ -79,8 +80,8 @@ def test_plan_pairs_every_rendering_with_its_neutral_twin():
     cfg = CorpusConfig()
     texts = read_texts(ROOT / "data" / "texts")
     voices = [dataclasses.replace(v) for v in VOICES]
-    jobs, skipped = plan_instruct(texts, voices, cfg)
-    again, _ = plan_instruct(texts, voices, cfg)
+    jobs, skipped = plan_instruct(instruct_pools(texts, cfg), voices, cfg)
+    again, _ = plan_instruct(instruct_pools(texts, cfg), voices, cfg)
     assert [(j.id, j.text, j.extra) for j in jobs] == [(j.id, j.text, j.extra) for j in again]
     ids = {j.id for j in jobs}
     assert len(ids) == len(jobs)
@@ -95,6 +96,21 @@ def test_plan_pairs_every_rendering_with_its_neutral_twin():
             assert per_lang[(lang, c)] >= n, (lang, c)
     assert per_lang[("en", "emphasis")] == dict(cfg.instruct_sentences)["en"]
     assert {(s["engine"], s["condition"]) for s in skipped} >= {("piper (en)", "high_pitch"), ("espeak (zh)", "emphasis")}
+
+
+def test_large_instruct_draws_only_training_sentences_of_the_large_corpus():
+    """The large instruct sub-corpus (``build --size large``) takes ``large_instruct`` English
+    sentences that the large corpus renders for training, never a dev or ``eval`` one."""
+    cfg = CorpusConfig(large_instruct=50)
+    texts, large = read_texts(ROOT / "data" / "texts"), read_large_texts(ROOT / "data" / "texts")
+    pools = large_instruct_pools(large, cfg)
+    splits = {j.text: j.split for j in plan_large(texts, large, VOICES, cfg)}
+    assert len(pools["en"]) > 15000 and all(splits[t] == "train" for _, t in pools["en"])
+    jobs, _ = plan_instruct(pools, VOICES, cfg, (("en", cfg.large_instruct),))
+    plain = {dict(j.extra)["plain_text"] for j in jobs}
+    assert len(plain) == cfg.large_instruct and all(splits[t] == "train" for t in plain)
+    per_condition = Counter(dict(j.extra)["condition"] for j in jobs)
+    assert per_condition["emphasis"] == cfg.large_instruct and min(per_condition.values()) >= cfg.large_instruct
 
 
 def test_lm_examples_put_the_instruction_first():
@@ -180,7 +196,7 @@ def test_emphasis_contrast_finds_a_louder_higher_word():
 
 
 def test_instruction_changes_and_table():
-    from minicosy.eval_instruct import _condition_change, instruction_table, right_sign, wilson_interval
+    from minicosy.eval_instruct import _condition_change, instruction_table, quality_table, right_sign, wilson_interval
 
     slow, normal = padded(harmonic(150, 1.5)), padded(harmonic(150, 1.0))
     assert abs(_condition_change("very_slow", slow, normal, SR) - 1.0 / 1.5) < 0.03
@@ -195,6 +211,11 @@ def test_instruction_changes_and_table():
     assert fast.split()[:4] == ["fast", "speed", "factor", "x1.3"]
     assert "1.20        50% [ 9%,  91%] n=2" in fast and "1.30       100% [21%, 100%] n=1" in fast
     assert "0.00        50% [ 9%,  91%] n=2" in emphasis and "2.00       100% [21%, 100%] n=1" in emphasis
+    quality = {"without instruction": {"WER": 0.5, "SIM (resemblyzer)": 0.8, "n": 1},
+               "with instruction": {"WER": 0.25, "SIM (resemblyzer)": 0.7, "n": 7, "WER 95%": [0.1, 0.4], "SIM 95%": [0.6, 0.75]}}
+    without, with_ = quality_table(quality).splitlines()[1:]
+    assert without.split()[2:] == ["0.500", "0.800", "1"]
+    assert with_.split()[2:] == ["0.250", "[0.100,", "0.400]", "0.700", "[0.600,", "0.750]", "7"]
     lo, hi = wilson_interval(8, 10)                          # the textbook value: 0.490-0.943
     assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
     assert wilson_interval(0, 5)[0] == pytest.approx(0.0, abs=1e-12) and wilson_interval(5, 5)[1] == pytest.approx(1.0)

@@ -16,7 +16,7 @@ from minicosy.campplus import AAMSoftmax, CAMPPlus, corpus_fbanks, embed_records
 from minicosy.config import get_config
 from minicosy.hift import (Discriminator, HiFTGenerator, compare_with_griffin_lim, corpus_f0, discriminator_loss,
                            f0_track, generator_adversarial_loss, griffin_lim, heldout_audio, mel_l1,
-                           mr_stft_distance, random_segments)
+                           mr_stft_distance, random_segments, train_hift)
 from minicosy.train import TrainConfig, TrainLog, save_checkpoint
 
 from .conftest import ROOT
@@ -137,6 +137,45 @@ def test_hift_training_steps_reduce_the_loss_on_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_an_interrupted_hift_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """``train hift`` saves both networks, both optimisers and the random states every few minutes;
+    the same call started again ends where one uninterrupted run ends."""
+    import json
+
+    import minicosy.hift as hift_module
+
+    lines = []
+    for i, f0 in enumerate((120.0, 180.0, 240.0)):
+        sf.write(tmp_path / f"u{i}.wav", tone(f0, 1.0), SR)
+        lines.append(json.dumps({"id": f"u{i}", "path": f"u{i}.wav", "split": "train", "text": "x"}))
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    state = tmp_path / "hift.state.pt"
+
+    def run(state_path=None):
+        return train_hift(tmp_path, minutes=60, max_steps=6, gan_after=0.5, batch_size=2, threads=1,
+                          state_path=state_path, state_minutes=0.0)
+
+    whole, whole_log = run()
+    real = hift_module.random_segments
+
+    def interrupted(*args, **kwargs):
+        for k, batch in enumerate(real(*args, **kwargs)):
+            if k == 4:
+                raise KeyboardInterrupt                          # the session ends at step 4
+            yield batch
+
+    monkeypatch.setattr(hift_module, "random_segments", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(state)
+    assert torch.load(state, weights_only=True)["step"] == 4
+    monkeypatch.setattr(hift_module, "random_segments", real)
+    resumed, log = run(state)
+    assert log.steps == whole_log.steps and log.extra["gan_from_step"] == whole_log.extra["gan_from_step"] == 3
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v)
+    assert not state.exists()                                     # finished: nothing left to resume
 
 
 def test_segments_take_the_given_input_mels_at_the_waveform_frames(tmp_path):
