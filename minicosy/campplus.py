@@ -560,7 +560,7 @@ def train_campplus(corpus_root: str | Path = "data/corpus", preset: str = "tiny"
 
 def train_main(argv: list[str] | None = None) -> None:
     """``python -m minicosy.train campplus [--minutes 8] [--out PATH]``."""
-    p = recipe_parser("campplus", 8.0, "data/checkpoints/campplus_tiny.pt")
+    p = recipe_parser("campplus", 8.0, "data/checkpoints/campplus_tiny.pt", resumable=False)
     p.add_argument("--margin", type=float, default=0.2)
     p.add_argument("--scale", type=float, default=30.0)
     a = p.parse_args(argv)

@@ -244,7 +244,7 @@ def finetune_main(argv: list[str] | None = None) -> None:
     from .pipeline import CosyVoice2
     from .train import is_main_process, provenance, recipe_parser
 
-    p = recipe_parser("finetune", 3.0, "data/checkpoints/finetune_results.json")
+    p = recipe_parser("finetune", 3.0, "data/checkpoints/finetune_results.json", resumable=False)
     p.add_argument("--model", default="data/checkpoints")
     p.add_argument("--speech-tokenizer", default="data/checkpoints/speech_tokenizer_fsq.pt")
     p.add_argument("--texts", type=int, default=24, help="training sentences that give DPO pairs")

@@ -449,10 +449,12 @@ def model_from_checkpoint(path: str | Path, build: Callable[[dict], torch.nn.Mod
     return model.eval()
 
 
-def recipe_parser(name: str, minutes: float, out: str | None, device: bool = False) -> argparse.ArgumentParser:
+def recipe_parser(name: str, minutes: float, out: str | None, device: bool = False,
+                  resumable: bool = True) -> argparse.ArgumentParser:
     """The options every recipe shares: ``--minutes``, ``--corpus``, ``--out``, ``--seed`` and
     ``--threads`` (default ``$MINICOSY_THREADS`` or 2); with ``device``, ``--device`` too (for the
-    recipes whose steps have been run on a GPU: ``TrainConfig.device``)."""
+    recipes whose steps have been run on a GPU: ``TrainConfig.device``); with ``resumable``,
+    ``--state`` (:func:`state_file`)."""
     p = argparse.ArgumentParser(prog=f"python -m minicosy.train {name}")
     p.add_argument("--minutes", type=float, default=minutes, help="training time budget")
     p.add_argument("--corpus", default="data/corpus")
@@ -461,8 +463,9 @@ def recipe_parser(name: str, minutes: float, out: str | None, device: bool = Fal
     p.add_argument("--threads", type=int, default=int(os.environ.get("MINICOSY_THREADS", 2)))
     if device:
         p.add_argument("--device", default="cpu", help="where the training steps run (cpu, cuda)")
-    p.add_argument("--state", default=None, help="resumable training state, saved every few minutes (default: "
-                   "beside --out as NAME.state.pt; running the same command again resumes it; 'none': off)")
+    if resumable:
+        p.add_argument("--state", default=None, help="resumable training state, saved every few minutes (default: "
+                       "beside --out as NAME.state.pt; running the same command again resumes it; 'none': off)")
     return p
 
 

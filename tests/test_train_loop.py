@@ -84,3 +84,17 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v)
     assert not state.exists()                                 # finished: nothing left to resume
+
+
+def test_only_resumable_recipes_offer_a_state_file(capsys):
+    """``--state`` is offered by the recipes that save and resume a training state, and refused by
+    the others (CAM++, whose margin warms up on the clock, and the fine-tuning experiments)."""
+    from minicosy.campplus import train_main as campplus_main
+    from minicosy.finetune import finetune_main
+    from minicosy.train import recipe_parser
+
+    assert recipe_parser("x", 1.0, "x.pt").parse_args(["--state", "s.pt"]).state == "s.pt"
+    for main in (campplus_main, finetune_main):
+        with pytest.raises(SystemExit):
+            main(["--state", "s.pt", "--minutes", "0"])
+        assert "unrecognized arguments: --state" in capsys.readouterr().err
