@@ -223,6 +223,14 @@ def read_large_texts(texts_dir: str | Path) -> dict[str, list[str]]:
     return {f.stem[3:]: [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()] for f in files}
 
 
+def large_pool(large: dict[str, list[str]], cfg: CorpusConfig) -> list[tuple[str, str]]:
+    """Every large-text sentence as ``(sentence id, text)``, in the seeded order the large corpus
+    hands them out (:func:`plan_large`)."""
+    pool = [(f"{src[:2]}{i:05d}", text) for src, sentences in sorted(large.items()) for i, text in enumerate(sentences)]
+    random.Random(cfg.seed + 17).shuffle(pool)
+    return pool
+
+
 def plan_large(texts: dict[str, list[str]], large: dict[str, list[str]], voices: list[Voice],
                cfg: CorpusConfig) -> list[Job]:
     """The large corpus: every job of :func:`plan_corpus` (so its dev/test/held-out evaluation
@@ -240,8 +248,7 @@ def plan_large(texts: dict[str, list[str]], large: dict[str, list[str]], voices:
     main = [(by_name[name], n) for name, n in cfg.large_voices]
     thin = [(v, cfg.large_thin) for v in voices
             if v.lang == "en" and not v.heldout and v.name not in dict(cfg.large_voices)]
-    pool = [(f"{src[:2]}{i:05d}", text) for src, sentences in sorted(large.items()) for i, text in enumerate(sentences)]
-    random.Random(cfg.seed + 17).shuffle(pool)
+    pool = large_pool(large, cfg)
     needed = sum(n for _, n in main + thin) + cfg.large_eval
     if needed > len(pool):
         raise ValueError(f"the large corpus asks for {needed} sentences; data/texts/large has {len(pool)}")
@@ -302,9 +309,7 @@ def large_instruct_pools(large: dict[str, list[str]], cfg: CorpusConfig) -> dict
     """The large corpus' English training sentences of its main voices (:func:`plan_large`'s
     shuffle, ``dev`` ones left out): what the large instruct sub-corpus draws from, so that it never
     holds a dev, test, held-out or ``eval`` sentence."""
-    pool = [(f"{src[:2]}{i:05d}", text) for src, sentences in sorted(large.items()) for i, text in enumerate(sentences)]
-    random.Random(cfg.seed + 17).shuffle(pool)
-    main = pool[:sum(n for _, n in cfg.large_voices)]
+    main = large_pool(large, cfg)[:sum(n for _, n in cfg.large_voices)]
     return {"en": [(sid, t) for sid, t in main if sentence_hash(sid, cfg) >= cfg.large_dev_fraction]}
 
 

@@ -33,6 +33,17 @@ def tone(f0: float, seconds: float = 1.0, amp: float = 0.5) -> np.ndarray:
     return (amp * np.sin(2 * np.pi * f0 * t)).astype(np.float32)
 
 
+def tone_corpus(root, f0s: tuple[float, ...], seconds: float) -> None:
+    """A corpus root of train utterances ``u0``, ``u1``, … each one tone of ``f0s``."""
+    import json
+
+    lines = []
+    for i, f0 in enumerate(f0s):
+        sf.write(root / f"u{i}.wav", tone(f0, seconds), SR)
+        lines.append(json.dumps({"id": f"u{i}", "path": f"u{i}.wav", "split": "train", "text": "x"}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+
+
 # ---- CAM++ ------------------------------------------------------------------------------------
 def test_aam_margin_only_penalises_the_target_class():
     emb, labels = torch.randn(6, 16), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -142,15 +153,9 @@ def test_hift_training_steps_reduce_the_loss_on_a_fixed_batch():
 def test_an_interrupted_hift_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     """``train hift`` saves both networks, both optimisers and the random states every few minutes;
     the same call started again ends where one uninterrupted run ends."""
-    import json
-
     import minicosy.hift as hift_module
 
-    lines = []
-    for i, f0 in enumerate((120.0, 180.0, 240.0)):
-        sf.write(tmp_path / f"u{i}.wav", tone(f0, 1.0), SR)
-        lines.append(json.dumps({"id": f"u{i}", "path": f"u{i}.wav", "split": "train", "text": "x"}))
-    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    tone_corpus(tmp_path, (120.0, 180.0, 240.0), 1.0)
     state = tmp_path / "hift.state.pt"
 
     def run(state_path=None):
@@ -198,13 +203,7 @@ def test_segments_take_the_given_input_mels_at_the_waveform_frames(tmp_path):
 def test_corpus_f0_tracks_a_seeded_sample_once_and_caches_it(tmp_path):
     """``train hift --utterances N``: a seeded sample of the split, its F0 tracked and cached per
     utterance, so the full split later tracks only the rest."""
-    import json
-
-    lines = []
-    for i, f0 in enumerate((120.0, 180.0, 240.0, 300.0)):
-        sf.write(tmp_path / f"u{i}.wav", tone(f0, 0.5), SR)
-        lines.append(json.dumps({"id": f"u{i}", "path": f"u{i}.wav", "split": "train", "text": "x"}))
-    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    tone_corpus(tmp_path, (120.0, 180.0, 240.0, 300.0), 0.5)
     some = corpus_f0(tmp_path, "train", utterances=2, seed=3)
     assert [r["id"] for r in some] == [r["id"] for r in corpus_f0(tmp_path, "train", utterances=2, seed=3)]
     assert len(some) == 2 and len(torch.load(tmp_path / "cache" / "f0_train.pt", weights_only=True)) == 2
