@@ -162,6 +162,14 @@ def eval_command(args: argparse.Namespace) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({k: result[k] for k in ("changes", "quality")}, indent=1))
         return
+    if args.pitch_carriers:
+        from .eval_instruct import pitch_carriers, pitch_table
+
+        carriers = pitch_carriers(tts, args.corpus, n=args.n, seed=args.seed)
+        print(pitch_table(carriers))
+        if args.json:
+            Path(args.json).write_text(json.dumps(carriers, indent=1))
+        return
     if args.per_voice:
         result = evaluate_voices(tts, args.corpus, args.voices, args.per_voice, modes, seed=args.seed)
         result["top_k"] = tts.lm.cfg.top_k
@@ -258,6 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--instructions", action="store_true",
                    help="instead: instruction following (§2.6, Table 10 analogue) over --n held-out trials, each "
                         "condition's right-way share with its Wilson 95%% interval next to the engines' own renderings")
+    e.add_argument("--pitch-carriers", action="store_true",
+                   help="instead: where pitch lives (§2.2, §2.5), on --n pitch renderings per condition of the instruct "
+                        "sub-corpus: the F0 shift of the recordings, of the flow on their speech tokens, and of the flow "
+                        "prompted by a rendering in the condition")
     e.add_argument("--stages", action="store_true",
                    help="also print where the words are lost: WER and the speech tokenizer's unit error after each stage")
     sub.add_parser("lab", help="trust the notebooks and open the app (notebook 10) in JupyterLab; "

@@ -481,7 +481,7 @@ def true_input_audio(tts, mode: str, wav: np.ndarray, prompt, seed: int = 0) -> 
     (§2.2's tokenizer) in the voice of ``prompt`` (a frontend :class:`~minicosy.frontend.Prompt`),
     then HiFT: what a perfect LM (or flow) would leave the rest of the chain to lose."""
     from .audio import mel_spectrogram
-    from .hift import griffin_lim
+    from .hift_train import griffin_lim
 
     if mode not in TRUE_INPUT_MODES:
         raise ValueError(f"unknown true-input mode {mode!r}; choose from {list(TRUE_INPUT_MODES)}")

@@ -8,6 +8,7 @@ Usage (or ``python -m minicosy eval --instructions --n 16``)::
     result = evaluate_instructions(tts, "data/corpus", n=16)
     print(instruction_table(result["changes"], corpus_instruction_changes("data/corpus")))
     print(quality_table(result["quality"]))
+    print(pitch_table(pitch_carriers(tts, "data/corpus", n=16)))
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
+import torch
 
 from .eval import SpeakerEncoder, SphinxASR, bootstrap_interval, error_rate, sentence_errors, synthesis_trials, wer_of
 from .pipeline import join_speech
@@ -188,4 +190,123 @@ def quality_table(quality: dict[str, dict]) -> str:
 
     lines = [f"{'':20s} {'WER (95%)':>22s} {'SIM (95%)':>22s} {'n':>4s}"]
     lines += [f"{row:20s} {cell(q, 'WER'):>22s} {cell(q, 'SIM'):>22s} {q['n']:4d}" for row, q in quality.items()]
+    return "\n".join(lines)
+
+
+# what a pitch instruction could reach: the speech tokens, or the flow's conditioning (§2.2, §2.5)
+PITCH_CARRIERS = ("recordings (pYIN)", "recordings (F0 predictor)", "flow on the tokens", "flow prompted in the condition")
+
+
+def frame_rate_buzz(wav: np.ndarray, sr: int, frame_rate: float = 50.0, above_hz: float = 2000.0) -> float:
+    """How strongly a waveform's loudness beats at the mel frame rate (50 Hz; HiFT's input rate):
+    the envelope of its content above ``above_hz``, at 1 kHz, then the peak of that envelope's
+    spectrum within 1 Hz of ``frame_rate`` over its median between 0.6 and 1.4 × ``frame_rate``.
+    Speech gives a few units; a vocoder whose up-sampling leaves a pattern repeating every mel
+    frame gives tens, and pYIN then takes the frame period (20 ms, its 50 Hz floor) for the pitch."""
+    x = np.asarray(wav, dtype=np.float64).reshape(-1)
+    block = max(1, round(sr / 1000))
+    if x.size < 2 * block * 1000 / frame_rate * 4:
+        raise ValueError(f"{x.size / sr:.2f} s is too short to measure a {frame_rate:g} Hz beat")
+    spec = np.fft.rfft(x)
+    spec[np.fft.rfftfreq(x.size, 1 / sr) < above_hz] = 0
+    env = np.abs(np.fft.irfft(spec, x.size))
+    env = env[: env.size // block * block].reshape(-1, block).mean(1)
+    mag = np.abs(np.fft.rfft(env - env.mean()))
+    freqs = np.fft.rfftfreq(env.size, block / sr)
+    near = np.abs(freqs - frame_rate)
+    return float(mag[near <= 1.0].max() / np.median(mag[near <= 0.4 * frame_rate]))
+
+
+def mel_median_f0(hift, mel: torch.Tensor) -> float:
+    """Median F0 (Hz) that HiFT's F0 predictor reads off a mel (1, 80, T), over its voiced frames;
+    ``ValueError`` if none is voiced. It measures the flow's output before any vocoder sound."""
+    f0 = hift.predict_f0(mel.to(next(hift.parameters()).device))[0].float().cpu().numpy()
+    voiced = f0[f0 > hift.cfg.voiced_threshold]
+    if not voiced.size:
+        raise ValueError("no voiced frames: cannot measure pitch")
+    return float(np.median(voiced))
+
+
+@torch.no_grad()
+def pitch_carriers(tts, corpus_root: str | Path = "data/corpus", n: int = 8,
+                   conditions: tuple[str, ...] = ("high_pitch", "low_pitch"), seed: int = 0,
+                   progress: bool = True) -> dict[str, dict[str, list[float]]]:
+    """Where the pitch of a rendering lives, on ``n`` English renderings per pitch condition of the
+    instruct sub-corpus (seeded draw), each against its neutral twin: median-F0 shifts in semitones.
+
+    * ``recordings (pYIN)``: the rendering against its twin (what the training data asks for);
+    * ``recordings (F0 predictor)``: the same, read off the two mels by HiFT's F0 predictor, the
+      instrument of the next two rows (they measure mels, before the vocoder adds its own sound);
+    * ``flow on the tokens``: the flow's mel from the rendering's speech tokens against the one
+      from its twin's, both prompted by a neutral rendering of another sentence by the same voice:
+      what the ASR-supervised tokens (§2.2) carry to the flow, hence all an LM could change;
+    * ``flow prompted in the condition``: the flow on the twin's tokens prompted by that other
+      sentence rendered in the condition, against the neutral prompt: what the flow's conditioning
+      (x-vector and prompt mel, §2.5) carries, where a pitch instruction would have to arrive.
+
+    A rendering is a trial only if its voice has read another sentence in the same condition. A
+    shift that cannot be measured (nothing voiced) is NaN."""
+    import random
+
+    from tqdm.auto import tqdm
+
+    from .audio import load_wav, mel_spectrogram
+    from .data import INSTRUCT_DIR, load_manifest
+    from .instruct import median_f0, semitones
+
+    root, sr = Path(corpus_root) / INSTRUCT_DIR, tts.sample_rate
+    records = [r for r in load_manifest(root) if r["lang"] == "en"]
+    by_id = {r["id"]: r for r in records}
+
+    def shift(measure, a, b) -> float:
+        try:
+            return semitones(measure(a), measure(b))
+        except ValueError:
+            return float("nan")
+
+    def flow_mel(wav: np.ndarray, prompt) -> torch.Tensor:
+        tokens = torch.as_tensor(tts.frontend.speech_tokenizer.tokenize(wav, sr)).long().reshape(1, -1)
+        return tts.flow.inference(tokens.to(tts.device), prompt.speech_token.to(tts.device),
+                                  prompt.speech_feat.to(tts.device, tts.dtype), prompt.embedding.to(tts.device, tts.dtype))
+
+    def on_mel(mel: torch.Tensor) -> float:
+        return mel_median_f0(tts.hift, mel)
+
+    out: dict[str, dict[str, list[float]]] = {}
+    for cond in conditions:
+        rows = sorted((r for r in records if r["condition"] == cond and r["neutral_id"] in by_id), key=lambda r: r["id"])
+        trials = []
+        for r in rows:
+            other = next((o for o in rows if o["speaker"] == r["speaker"] and o["neutral_id"] != r["neutral_id"]), None)
+            if other is not None:
+                trials.append((r, other))
+        if not trials:
+            raise ValueError(f"no {cond} rendering under {root} has another sentence of its voice in the same "
+                             "condition to prompt the flow with")
+        shifts: dict[str, list[float]] = {m: [] for m in PITCH_CARRIERS}
+        for r, other in tqdm(random.Random(seed).sample(trials, min(n, len(trials))), desc=f"{cond} carriers",
+                             disable=not progress):
+            wav, twin = (load_wav(root / rec["path"], sr)[0] for rec in (r, by_id[r["neutral_id"]]))
+            neutral_prompt, cond_prompt = (tts.frontend.prompt(str(root / rec["path"]), rec["text"])
+                                           for rec in (by_id[other["neutral_id"]], other))
+            base = flow_mel(twin, neutral_prompt)
+            shifts["recordings (pYIN)"].append(shift(lambda w: median_f0(w, sr), wav, twin))
+            shifts["recordings (F0 predictor)"].append(shift(on_mel, *(mel_spectrogram(w)[None] for w in (wav, twin))))
+            shifts["flow on the tokens"].append(shift(on_mel, flow_mel(wav, neutral_prompt), base))
+            shifts["flow prompted in the condition"].append(shift(on_mel, flow_mel(twin, cond_prompt), base))
+        out[cond] = shifts
+    return out
+
+
+def pitch_table(carriers: dict[str, dict[str, list[float]]]) -> str:
+    """:func:`pitch_carriers` as a table: per condition and carrier, the mean F0 shift (semitones)
+    with its bootstrap 95 % interval and the share of trials that moved the right way."""
+    lines = [f"{'condition':11s} {'carrier':31s} {'shift st (95%)':>22s} {'right way (95%, trials)':>26s}"]
+    for cond, shifts in carriers.items():
+        for carrier, values in shifts.items():
+            v = np.asarray(values, dtype=float)
+            v = v[np.isfinite(v)]
+            cell = (f"{v.mean():+.2f} [{'{:+.2f}, {:+.2f}'.format(*bootstrap_interval(np.mean, v))}]" if v.size > 1
+                    else f"{v.mean():+.2f}" if v.size else "n/a")
+            lines.append(f"{cond:11s} {carrier:31s} {cell:>22s} {right_way_share(cond, values):>26s}")
     return "\n".join(lines)

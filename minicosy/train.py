@@ -35,7 +35,7 @@ RECIPES = {"tokenizer": "minicosy.speech_tokenizer:train_main",
            "text_tokenizer": "minicosy.text_tokenizer:train_main",
            "lm": "minicosy.lm_train:train_main",
            "flow": "minicosy.flow:train_main",
-           "hift": "minicosy.hift:train_main",
+           "hift": "minicosy.hift_train:train_main",
            "campplus": "minicosy.campplus:train_main",
            "spk2info": "minicosy.campplus:spk2info_main",
            "finetune": "minicosy.finetune:finetune_main"}

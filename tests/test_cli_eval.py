@@ -124,6 +124,25 @@ def test_eval_command_instructions_prints_each_condition_and_the_cost(corpus_roo
     assert result["quality"]["with instruction"]["n"] == 7
 
 
+def test_eval_command_pitch_carriers_prints_each_carrier(corpus_root, tmp_path, capsys):
+    from minicosy.eval_instruct import PITCH_CARRIERS
+
+    if not (corpus_root / "instruct" / "manifest.jsonl").exists():
+        pytest.skip("instruct sub-corpus not built: run `python -m minicosy.data build`")
+    out = tmp_path / "pitch.json"
+    main(["eval", "--corpus", str(corpus_root), "--pitch-carriers", "--n", "2", "--threads", "1", "--json", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["condition", "carrier"] and len(lines) == 1 + 2 * len(PITCH_CARRIERS)
+    result = json.loads(out.read_text())
+    assert list(result) == ["high_pitch", "low_pitch"]
+    assert all(list(v) == list(PITCH_CARRIERS) and all(len(x) == 2 for x in v.values()) for v in result.values())
+    # the engines' renderings moved as asked, by pYIN and (the way asked) by the instrument that measures the flow
+    assert all(x > 1 for x in result["high_pitch"]["recordings (pYIN)"])
+    assert all(x < -1 for x in result["low_pitch"]["recordings (pYIN)"])
+    assert all(x > 0 for x in result["high_pitch"]["recordings (F0 predictor)"])
+    assert all(x < 0 for x in result["low_pitch"]["recordings (F0 predictor)"])
+
+
 def test_eval_command_compare_prints_the_paired_difference(tmp_path, capsys):
     refs = ["the first sentence", "a second one here", "and the third"]
     result = {"modes": ["offline"], "voices": {"v": {"refs": refs, "hyps": {"offline": refs}, "sims": {"offline": [[0.5] * 3] * 2}}},

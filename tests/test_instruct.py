@@ -222,3 +222,37 @@ def test_instruction_changes_and_table():
     assert wilson_interval(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError, match="successes"):
         wilson_interval(3, 2)
+
+
+def test_mel_median_f0_reads_the_voiced_frames_and_the_pitch_table():
+    from types import SimpleNamespace
+
+    from minicosy.eval_instruct import mel_median_f0, pitch_table
+
+    class Reader(torch.nn.Module):              # stands in for HiFT: its F0 predictor and threshold
+        def __init__(self, f0):
+            super().__init__()
+            self.f0, self.cfg, self.w = torch.tensor([f0]), SimpleNamespace(voiced_threshold=10.0), torch.nn.Parameter(torch.zeros(1))
+
+        def predict_f0(self, mel):
+            return self.f0
+
+    assert mel_median_f0(Reader([0.0, 100.0, 5.0, 120.0, 140.0]), torch.zeros(1, 80, 5)) == 120.0
+    with pytest.raises(ValueError, match="voiced"):
+        mel_median_f0(Reader([0.0, 3.0]), torch.zeros(1, 80, 2))
+    table = pitch_table({"high_pitch": {"recordings (pYIN)": [3.0, 2.0], "flow on the tokens": [-0.5, float("nan")]}})
+    pyin, tokens = table.splitlines()[1:]
+    assert pyin.split()[:4] == ["high_pitch", "recordings", "(pYIN)", "+2.50"] and "100% [34%, 100%] n=2" in pyin
+    assert tokens.split()[5] == "-0.50" and "0% [ 0%,  66%] n=2" in tokens
+
+
+def test_frame_rate_buzz_finds_a_beat_at_the_mel_frame_rate():
+    from minicosy.eval_instruct import frame_rate_buzz
+
+    sr, t = 24000, np.arange(3 * 24000) / 24000
+    noise = np.random.default_rng(0).standard_normal(t.size)
+    assert frame_rate_buzz(noise, sr) < 5
+    assert frame_rate_buzz(noise * (1 + 0.5 * np.sin(2 * np.pi * 50 * t)), sr) > 20
+    assert frame_rate_buzz(noise * (1 + 0.5 * np.sin(2 * np.pi * 37 * t)), sr) < 5     # another beat is not the frame rate
+    with pytest.raises(ValueError, match="too short"):
+        frame_rate_buzz(noise[:2400], sr)

@@ -24,7 +24,7 @@ COMPONENT_DEPS = {"speech_tokenizer": {"fsq"}, "lm": {"speech_tokenizer"},
                   "flow": {"masks", "speech_tokenizer", "campplus"}, "rl": {"lm", "fsq", "speech_tokenizer"},
                   "hift": {"flow"}}
 # concepts split over several files belong to their component
-FAMILY = {"flow_encoder": "flow", "flow_estimator": "flow", "flow_cfm": "flow", "lm_sampling": "lm", "lm_align": "lm", "lm_train": "lm"}
+FAMILY = {"flow_encoder": "flow", "flow_estimator": "flow", "flow_cfm": "flow", "lm_sampling": "lm", "lm_align": "lm", "lm_train": "lm", "hift_train": "hift"}
 
 
 def _name(req: str) -> str:

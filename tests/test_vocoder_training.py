@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from minicosy.audio import mel_spectrogram
 from minicosy.campplus import AAMSoftmax, CAMPPlus, corpus_fbanks, embed_records, random_crops
 from minicosy.config import get_config
-from minicosy.hift import (Discriminator, HiFTGenerator, compare_with_griffin_lim, corpus_f0, discriminator_loss,
-                           f0_track, generator_adversarial_loss, griffin_lim, heldout_audio, mel_l1,
-                           mr_stft_distance, random_segments, train_hift)
-from minicosy.train import TrainConfig, TrainLog, save_checkpoint
+from minicosy.hift import HiFTGenerator
+from minicosy.hift_train import (Discriminator, compare_with_griffin_lim, corpus_f0, discriminator_loss, f0_track,
+                                 frame_pattern, frame_pattern_loss, generator_adversarial_loss, griffin_lim,
+                                 heldout_audio, mel_l1, mr_stft_distance, random_segments, train_hift)
+from minicosy.train import TrainConfig, TrainLog, load_checkpoint, save_checkpoint
 
 from .conftest import ROOT
 
@@ -111,6 +112,19 @@ def test_losses_are_zero_for_identical_audio_and_grow_with_error():
     assert 0 < mr_stft_distance(small, real) < mr_stft_distance(large, real)
 
 
+def test_frame_pattern_sees_a_beat_at_the_mel_frame_rate_that_the_mel_loss_misses():
+    t = torch.arange(2 * SR) / SR
+    clean = torch.randn(1, t.numel(), generator=torch.Generator().manual_seed(0)) * 0.1
+    buzzed = clean * (1 + 0.5 * torch.sin(2 * torch.pi * 50 * t))               # 50 Hz: one beat per mel frame
+    assert frame_pattern(clean).shape == (1, 65, 12)
+    assert frame_pattern(clean).abs().mean() < 0.05 < 0.2 < frame_pattern(buzzed).abs().mean()
+    assert frame_pattern_loss(clean, clean) == 0 and frame_pattern_loss(buzzed, clean) > 0.2
+    # the same beat moves the mel loss less than a 10 % level change does
+    assert mel_l1(buzzed, clean) < mel_l1(clean * 1.1, clean) * 2
+    with pytest.raises(ValueError, match="divide"):
+        frame_pattern(clean, hop=70)
+
+
 def test_discriminator_shapes_and_lsgan_losses():
     disc = Discriminator()
     real, fake = torch.randn(2, 4800) * 0.1, torch.randn(2, 4800) * 0.1
@@ -153,7 +167,7 @@ def test_hift_training_steps_reduce_the_loss_on_a_fixed_batch():
 def test_an_interrupted_hift_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     """``train hift`` saves both networks, both optimisers and the random states every few minutes;
     the same call started again ends where one uninterrupted run ends."""
-    import minicosy.hift as hift_module
+    import minicosy.hift_train as hift_module
 
     tone_corpus(tmp_path, (120.0, 180.0, 240.0), 1.0)
     state = tmp_path / "hift.state.pt"
@@ -181,6 +195,17 @@ def test_an_interrupted_hift_run_resumes_where_it_stopped(tmp_path, monkeypatch)
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v)
     assert not state.exists()                                     # finished: nothing left to resume
+
+
+def test_the_buzz_weight_adds_the_frame_pattern_loss(tmp_path):
+    tone_corpus(tmp_path, (120.0, 180.0), 1.0)
+    runs = {w: train_hift(tmp_path, minutes=60, max_steps=2, gan_after=1.0, batch_size=2, threads=1, buzz_weight=w,
+                          out=tmp_path / f"h{w}.pt") for w in (0.0, 10.0)}
+    for w, (model, log) in runs.items():
+        assert len(log.extra["buzz"]) == 1 and load_checkpoint(tmp_path / f"h{w}.pt")["recipe"]["buzz_weight"] == w
+    # same draws, same first step: the total differs by exactly the weighted buzz term
+    (_, plain), (_, aided) = runs[0.0], runs[10.0]
+    assert aided.losses[0] == pytest.approx(plain.losses[0] + 10 * plain.extra["buzz"][0], rel=1e-4)
 
 
 def test_segments_take_the_given_input_mels_at_the_waveform_frames(tmp_path):
