@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from statistics import NormalDist
+from typing import Callable
 
 import numpy as np
 import torch
 
+from .audio import resample
 from .eval import SpeakerEncoder, SphinxASR, bootstrap_interval, error_rate, sentence_errors, synthesis_trials, wer_of
 from .pipeline import join_speech
 
@@ -35,20 +37,22 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float,
 
 
 def _condition_change(condition: str, wav: np.ndarray, neutral: np.ndarray, sr: int, text: str = "",
-                      word: str = "") -> float:
+                      word: str = "", f0_of: Callable[[np.ndarray, int], float] | None = None) -> float:
     """How far a rendering moved from its neutral twin the way ``condition`` asks: the speed factor
     (neutral speech duration / this one) for rate conditions, the median-F0 shift in semitones for
-    pitch, and for emphasis the gain in the marked word's level over the rest (dB, against the same
-    window in the neutral rendering). NaN where either rendering cannot be measured."""
+    pitch (by ``f0_of(wav, sr)``, default pYIN's :func:`~minicosy.instruct.median_f0`), and for
+    emphasis the gain in the marked word's level over the rest (dB, against the same window in the
+    neutral rendering). NaN where either rendering cannot be measured."""
     from .instruct import CONDITIONS, emphasis_contrast, median_f0, semitones, speech_duration, speech_span, word_window
 
+    f0_of = f0_of or median_f0
     cond = CONDITIONS[condition]
     try:
         if cond.emphasis:
             gain = [emphasis_contrast(w, sr, word_window(text, word, speech_span(w, sr)))["level_db"] for w in (wav, neutral)]
             return gain[0] - gain[1]
         if cond.semitones:
-            return semitones(median_f0(wav, sr), median_f0(neutral, sr))
+            return semitones(f0_of(wav, sr), f0_of(neutral, sr))
         return speech_duration(neutral, sr) / speech_duration(wav, sr)
     except ValueError:          # silent, unvoiced or too short to measure: counts as not following
         return float("nan")
@@ -96,7 +100,9 @@ def evaluate_instructions(tts, corpus_root: str | Path = "data/corpus", n: int =
     held-out voices), synthesise each sentence without an instruction (``inference_cross_lingual``:
     no LM prompt, the prompt voice in the flow), with each instruction's first English template
     (``inference_instruct2``) and with one ``<strong>`` word; measure each against the neutral
-    synthesis (:func:`_condition_change`) and the content/voice cost (WER, resemblyzer SIM).
+    synthesis (:func:`_condition_change`) and the content/voice cost (WER, resemblyzer SIM). Pitch
+    is read off the output's mel by ``tts.hift``'s F0 predictor (:func:`mel_median_f0`): pYIN takes
+    the tiny vocoders' 50 Hz buzz (:func:`frame_rate_buzz`) for the pitch.
 
     Returns ``changes`` (per condition, per trial), ``quality`` (without / with instruction), and
     ``audio`` (the first trial's waveforms, for listening)."""
@@ -104,10 +110,14 @@ def evaluate_instructions(tts, corpus_root: str | Path = "data/corpus", n: int =
 
     from tqdm.auto import tqdm
 
-    from .audio import load_wav
+    from .audio import load_wav, mel_spectrogram
     from .instruct import instruction, mark_word
 
     root, sr = Path(corpus_root), tts.sample_rate
+
+    def f0_of(wav: np.ndarray, rate: int) -> float:
+        return mel_median_f0(tts.hift, mel_spectrogram(resample(wav, rate, 24000))[None])
+
     asr, judge = SphinxASR(), SpeakerEncoder()
     changes: dict[str, list[float]] = {c: [] for c in conditions}
     quality = {k: {"ref": [], "hyp": [], "sim": []} for k in ("without instruction", "with instruction")}
@@ -129,7 +139,7 @@ def evaluate_instructions(tts, corpus_root: str | Path = "data/corpus", n: int =
             tagged, word = mark_word(text, random.Random(seed + k)) if cond == "emphasis" else (text, "")
             wav = say(instruction(cond, "en"), tagged)
             outputs[cond] = wav
-            changes[cond].append(_condition_change(cond, wav, neutral, sr, tagged, word))
+            changes[cond].append(_condition_change(cond, wav, neutral, sr, tagged, word, f0_of))
         for cond, wav in outputs.items():
             row = quality["without instruction" if cond == "neutral" else "with instruction"]
             row["ref"].append(text)
@@ -217,6 +227,7 @@ def frame_rate_buzz(wav: np.ndarray, sr: int, frame_rate: float = 50.0, above_hz
     return float(mag[near <= 1.0].max() / np.median(mag[near <= 0.4 * frame_rate]))
 
 
+@torch.no_grad()
 def mel_median_f0(hift, mel: torch.Tensor) -> float:
     """Median F0 (Hz) that HiFT's F0 predictor reads off a mel (1, 80, T), over its voiced frames;
     ``ValueError`` if none is voiced. It measures the flow's output before any vocoder sound."""
