@@ -39,8 +39,9 @@ from .text_tokenizer import load_text_tokenizer
 TINY_DIR = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
 # The project's own checkpoint folders by name: "tiny", the first tiny chain (BPE text, 6561 codes,
 # 1.4 h of speech), and "tiny-phone", the same sizes retrained on the large corpus with reading
-# units as text and 729 speech codes (issue 20: the tiny model that speaks)
-TINY_MODELS = {"tiny": TINY_DIR, "tiny-phone": TINY_DIR / "tiny_phone"}
+# units as text and 729 speech codes (issue 20: the tiny model that speaks); "tiny-phone-instruct",
+# its LM continued with the large instruct sub-corpus mixed in (§2.6), the rest the same
+TINY_MODELS = {"tiny": TINY_DIR, "tiny-phone": TINY_DIR / "tiny_phone", "tiny-phone-instruct": TINY_DIR / "tiny_phone_instruct"}
 
 
 @dataclass
@@ -141,7 +142,7 @@ class CosyVoice2:
                         dtype: torch.dtype | None = None, hift_dtype: torch.dtype | None = None) -> "CosyVoice2":
         """An official CosyVoice2-0.5B folder (``cosyvoice2.yaml``, ``llm.pt``, ``flow.pt``,
         ``hift.pt``, ``CosyVoice-BlankEN/``, ``campplus.onnx``, ``speech_tokenizer_v2.onnx``) or a
-        minicosy checkpoint folder (``minicosy.json``); ``"tiny"`` and ``"tiny-phone"`` name the project's
+        minicosy checkpoint folder (``minicosy.json``); ``"tiny"``, ``"tiny-phone"`` and ``"tiny-phone-instruct"`` name the project's
         own (:data:`TINY_MODELS`).
         ``device`` defaults to CPU; ``dtype`` (e.g. ``torch.float16``) applies to the LM and flow,
         ``hift_dtype`` to HiFT's convolutions."""
