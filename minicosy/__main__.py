@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="instead: instruction following (§2.6, Table 10 analogue) over --n held-out trials, each "
                         "condition's right-way share with its Wilson 95%% interval next to the engines' own renderings")
     e.add_argument("--pitch-carriers", action="store_true",
-                   help="instead: where pitch lives (§2.2, §2.5), on --n pitch renderings per condition of the instruct "
+                   help="instead: where pitch lives (§2.2, §2.4), on --n pitch renderings per condition of the instruct "
                         "sub-corpus: the F0 shift of the recordings, of the flow on their speech tokens, and of the flow "
                         "prompted by a rendering in the condition")
     e.add_argument("--stages", action="store_true",

@@ -203,7 +203,7 @@ def quality_table(quality: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-# what a pitch instruction could reach: the speech tokens, or the flow's conditioning (§2.2, §2.5)
+# what a pitch instruction could reach: the speech tokens, or the flow's conditioning (§2.2, §2.4)
 PITCH_CARRIERS = ("recordings (pYIN)", "recordings (F0 predictor)", "flow on the tokens", "flow prompted in the condition")
 
 
@@ -215,7 +215,7 @@ def frame_rate_buzz(wav: np.ndarray, sr: int, frame_rate: float = 50.0, above_hz
     frame gives tens, and pYIN then takes the frame period (20 ms, its 50 Hz floor) for the pitch."""
     x = np.asarray(wav, dtype=np.float64).reshape(-1)
     block = max(1, round(sr / 1000))
-    if x.size < 2 * block * 1000 / frame_rate * 4:
+    if x.size < 8 * sr / frame_rate:                     # eight beats at least
         raise ValueError(f"{x.size / sr:.2f} s is too short to measure a {frame_rate:g} Hz beat")
     spec = np.fft.rfft(x)
     spec[np.fft.rfftfreq(x.size, 1 / sr) < above_hz] = 0
@@ -253,7 +253,7 @@ def pitch_carriers(tts, corpus_root: str | Path = "data/corpus", n: int = 8,
       what the ASR-supervised tokens (§2.2) carry to the flow, hence all an LM could change;
     * ``flow prompted in the condition``: the flow on the twin's tokens prompted by that other
       sentence rendered in the condition, against the neutral prompt: what the flow's conditioning
-      (x-vector and prompt mel, §2.5) carries, where a pitch instruction would have to arrive.
+      (x-vector and prompt mel, §2.4) carries, where a pitch instruction would have to arrive.
 
     A rendering is a trial only if its voice has read another sentence in the same condition. A
     shift that cannot be measured (nothing voiced) is NaN."""
