@@ -475,6 +475,16 @@ TRUE_INPUT_MODES = dict(zip(("GL true mel", "HiFT true mel", "flow true tokens")
 
 
 @torch.inference_mode()
+def flow_on_true_tokens(tts, wav: np.ndarray, prompt) -> torch.Tensor:
+    """The flow's mel (1, 80, T) from a recording's own speech tokens (``wav`` at
+    ``tts.sample_rate``, §2.2's tokenizer), in the voice of ``prompt`` (a frontend
+    :class:`~minicosy.frontend.Prompt`): what a perfect LM would hand the flow."""
+    tokens = torch.as_tensor(tts.frontend.speech_tokenizer.tokenize(wav, tts.sample_rate)).long().reshape(1, -1)
+    return tts.flow.inference(tokens.to(tts.device), prompt.speech_token.to(tts.device),
+                              prompt.speech_feat.to(tts.device, tts.dtype), prompt.embedding.to(tts.device, tts.dtype))
+
+
+@torch.inference_mode()
 def true_input_audio(tts, mode: str, wav: np.ndarray, prompt, seed: int = 0) -> np.ndarray:
     """A recording ``wav`` (at ``tts.sample_rate``) re-made from a true input, one of
     :data:`TRUE_INPUT_MODES`: Griffin-Lim or HiFT on its mel, or the flow on its own speech tokens
@@ -486,9 +496,7 @@ def true_input_audio(tts, mode: str, wav: np.ndarray, prompt, seed: int = 0) -> 
     if mode not in TRUE_INPUT_MODES:
         raise ValueError(f"unknown true-input mode {mode!r}; choose from {list(TRUE_INPUT_MODES)}")
     if mode == "flow true tokens":
-        tokens = torch.as_tensor(tts.frontend.speech_tokenizer.tokenize(wav, tts.sample_rate)).long().reshape(1, -1)
-        mel = tts.flow.inference(tokens.to(tts.device), prompt.speech_token.to(tts.device),
-                                 prompt.speech_feat.to(tts.device, tts.dtype), prompt.embedding.to(tts.device, tts.dtype))
+        mel = flow_on_true_tokens(tts, wav, prompt)
     else:
         mel = mel_spectrogram(wav)[None]
         if mode == "GL true mel":

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .audio import resample
-from .eval import SpeakerEncoder, SphinxASR, bootstrap_interval, error_rate, sentence_errors, synthesis_trials, wer_of
+from .eval import (SpeakerEncoder, SphinxASR, bootstrap_interval, error_rate, flow_on_true_tokens, sentence_errors,
+                   synthesis_trials, wer_of)
 from .pipeline import join_speech
 
 
@@ -203,10 +204,6 @@ def quality_table(quality: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-# what a pitch instruction could reach: the speech tokens, or the flow's conditioning (§2.2, §2.4)
-PITCH_CARRIERS = ("recordings (pYIN)", "recordings (F0 predictor)", "flow on the tokens", "flow prompted in the condition")
-
-
 def frame_rate_buzz(wav: np.ndarray, sr: int, frame_rate: float = 50.0, above_hz: float = 2000.0) -> float:
     """How strongly a waveform's loudness beats at the mel frame rate (50 Hz; HiFT's input rate):
     the envelope of its content above ``above_hz``, at 1 kHz, then the peak of that envelope's
@@ -236,6 +233,10 @@ def mel_median_f0(hift, mel: torch.Tensor) -> float:
     if not voiced.size:
         raise ValueError("no voiced frames: cannot measure pitch")
     return float(np.median(voiced))
+
+
+# what a pitch instruction could reach: the speech tokens, or the flow's conditioning (§2.2, §2.4)
+PITCH_CARRIERS = ("recordings (pYIN)", "recordings (F0 predictor)", "flow on the tokens", "flow prompted in the condition")
 
 
 @torch.no_grad()
@@ -275,11 +276,6 @@ def pitch_carriers(tts, corpus_root: str | Path = "data/corpus", n: int = 8,
         except ValueError:
             return float("nan")
 
-    def flow_mel(wav: np.ndarray, prompt) -> torch.Tensor:
-        tokens = torch.as_tensor(tts.frontend.speech_tokenizer.tokenize(wav, sr)).long().reshape(1, -1)
-        return tts.flow.inference(tokens.to(tts.device), prompt.speech_token.to(tts.device),
-                                  prompt.speech_feat.to(tts.device, tts.dtype), prompt.embedding.to(tts.device, tts.dtype))
-
     def on_mel(mel: torch.Tensor) -> float:
         return mel_median_f0(tts.hift, mel)
 
@@ -300,11 +296,11 @@ def pitch_carriers(tts, corpus_root: str | Path = "data/corpus", n: int = 8,
             wav, twin = (load_wav(root / rec["path"], sr)[0] for rec in (r, by_id[r["neutral_id"]]))
             neutral_prompt, cond_prompt = (tts.frontend.prompt(str(root / rec["path"]), rec["text"])
                                            for rec in (by_id[other["neutral_id"]], other))
-            base = flow_mel(twin, neutral_prompt)
+            base = flow_on_true_tokens(tts, twin, neutral_prompt)
             shifts["recordings (pYIN)"].append(shift(lambda w: median_f0(w, sr), wav, twin))
             shifts["recordings (F0 predictor)"].append(shift(on_mel, *(mel_spectrogram(w)[None] for w in (wav, twin))))
-            shifts["flow on the tokens"].append(shift(on_mel, flow_mel(wav, neutral_prompt), base))
-            shifts["flow prompted in the condition"].append(shift(on_mel, flow_mel(twin, cond_prompt), base))
+            shifts["flow on the tokens"].append(shift(on_mel, flow_on_true_tokens(tts, wav, neutral_prompt), base))
+            shifts["flow prompted in the condition"].append(shift(on_mel, flow_on_true_tokens(tts, twin, cond_prompt), base))
         out[cond] = shifts
     return out
 
