@@ -152,6 +152,14 @@ def eval_command(args: argparse.Namespace) -> None:
         if args.top_k < 1:
             raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
         tts.lm.cfg.top_k = args.top_k
+    if args.flow_steps is not None:
+        if args.flow_steps < 1:
+            raise ValueError(f"--flow-steps must be at least 1, got {args.flow_steps}")
+        tts.flow.cfg.n_timesteps = args.flow_steps
+    if args.cfg_rate is not None:
+        if args.cfg_rate < 0:
+            raise ValueError(f"--cfg-rate must be non-negative, got {args.cfg_rate}")
+        tts.flow.cfg.cfg_rate = args.cfg_rate
     modes = tuple(m.strip() for m in args.modes.split(","))
     if args.instructions:
         from .eval_instruct import corpus_instruction_changes, evaluate_instructions, instruction_table, quality_table
@@ -172,7 +180,7 @@ def eval_command(args: argparse.Namespace) -> None:
         return
     if args.per_voice:
         result = evaluate_voices(tts, args.corpus, args.voices, args.per_voice, modes, seed=args.seed)
-        result["top_k"] = tts.lm.cfg.top_k
+        result.update(top_k=tts.lm.cfg.top_k, flow_steps=tts.flow.cfg.n_timesteps, cfg_rate=tts.flow.cfg.cfg_rate)
         print(format_voice_table(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
@@ -263,6 +271,11 @@ def main(argv: list[str] | None = None) -> None:
                         "paired bootstrap 95%% interval (pooled over the readable voices)")
     e.add_argument("--top-k", type=int, metavar="K",
                    help="the LM's RAS top-k for this evaluation (default: the checkpoint's; the paper's is 25, §2.3)")
+    e.add_argument("--flow-steps", type=int, metavar="N",
+                   help="the flow's ODE steps for this evaluation (default: the checkpoint's; the paper's is 10, §2.4)")
+    e.add_argument("--cfg-rate", type=float, metavar="B",
+                   help="the flow's classifier-free guidance strength beta (eq. 10) for this evaluation "
+                        "(default: the checkpoint's; the paper's is 0.7)")
     e.add_argument("--instructions", action="store_true",
                    help="instead: instruction following (§2.6, Table 10 analogue) over --n held-out trials, each "
                         "condition's right-way share with its Wilson 95%% interval next to the engines' own renderings")

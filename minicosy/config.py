@@ -239,6 +239,10 @@ class CorpusConfig:
     large_thin: int = 500             # sentences for each other English training voice
     large_dev_fraction: float = 0.02  # of the large training sentences (by hash); the rest is train
     large_eval: int = 60              # more sentences, read by every English voice: the "eval" split
+    # a second helping of training text for the LM (issue 20: its held-out perplexity stopped
+    # falling on the first), drawn after the eval sentences so that every split above stays as it was
+    large_more: tuple[tuple[str, int], ...] = (("hibari_heart", 6000), ("flite_awb", 6000), ("flite_slt", 6000))
+    large_more_thin: int = 1000
     large_instruct: int = 600         # large-corpus training sentences in <large_root>/instruct (§2.6)
 
 

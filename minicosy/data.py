@@ -40,7 +40,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import soundfile as sf
@@ -240,16 +240,20 @@ def plan_large(texts: dict[str, list[str]], large: dict[str, list[str]], voices:
     (by a hash of the sentence id) is ``dev``, the rest ``train``. Then ``cfg.large_eval`` more
     sentences are read by every English voice, held-out ones included: the ``eval`` split, which
     no training, dev or tokenizer data contains, so that each voice's recordings and syntheses of
-    the same sentences can be compared."""
+    the same sentences can be compared. Last, ``cfg.large_more`` and ``cfg.large_more_thin`` more
+    sentences per voice, all ``train``: a corpus built before they existed keeps every split's
+    sentences and only grows."""
     by_name = {v.name: v for v in voices}
-    missing = [name for name, _ in cfg.large_voices if name not in by_name]
+    missing = sorted({name for name, _ in cfg.large_voices + cfg.large_more if name not in by_name})
     if missing:
         raise ValueError(f"large-corpus voices {missing} are not available (engine not installed or unknown voice)")
     main = [(by_name[name], n) for name, n in cfg.large_voices]
     thin = [(v, cfg.large_thin) for v in voices
             if v.lang == "en" and not v.heldout and v.name not in dict(cfg.large_voices)]
+    more = [(by_name[name], n) for name, n in cfg.large_more]
+    more += [(v, cfg.large_more_thin) for v, _ in thin]
     pool = large_pool(large, cfg)
-    needed = sum(n for _, n in main + thin) + cfg.large_eval
+    needed = sum(n for _, n in main + thin + more) + cfg.large_eval
     if needed > len(pool):
         raise ValueError(f"the large corpus asks for {needed} sentences; data/texts/large has {len(pool)}")
     jobs, k = plan_corpus(texts, voices, cfg), 0
@@ -259,6 +263,10 @@ def plan_large(texts: dict[str, list[str]], large: dict[str, list[str]], voices:
         k += n
     for voice in [v for v in voices if v.lang == "en"]:
         jobs += [Job(f"{voice.name}-{sid}", text, voice, "eval") for sid, text in pool[k:k + cfg.large_eval]]
+    k += cfg.large_eval
+    for voice, n in more:
+        jobs += [Job(f"{voice.name}-{sid}", text, voice, "train") for sid, text in pool[k:k + n]]
+        k += n
     return sorted(jobs, key=lambda j: j.id)
 
 
@@ -273,6 +281,9 @@ def build_large(cfg: CorpusConfig | None = None, workers: int | None = None, chu
     jobs = plan_large(read_texts(cfg.texts), read_large_texts(cfg.texts), voices, cfg)
     partial = root / "manifest.partial.jsonl"
     done: dict[str, dict] = {}
+    if (root / "corpus.json").exists():      # a finished build: keep it, render what the plan added
+        done = {r["id"]: r for r in load_manifest(root)}
+        done.update({r["id"]: r for r in json.loads((root / "corpus.json").read_text(encoding="utf-8"))["dropped"]})
     if partial.exists():
         with open(partial, encoding="utf-8") as f:
             done = {r["id"]: r for r in map(json.loads, f)}
@@ -407,18 +418,40 @@ def load_manifest(root: str | Path = "data/corpus", split: str | None = None) ->
     return [r for r in records if split is None or r["split"] == split]
 
 
-def checkpoint_cache(corpus_root: str | Path, checkpoint: str | Path, key: str, compute: Callable[[], dict]) -> dict:
-    """A per-utterance table made by a model checkpoint (``compute()``), cached in
-    ``<corpus>/cache/<key>_<checkpoint stem>.pt`` and recomputed when the checkpoint's content
-    changes (its SHA-256, so that a fresh clone or a copied folder keeps a valid cache)."""
+def feature_cache(corpus_root: str | Path, name: str, records: list[dict],
+                  compute: Callable[[dict], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``compute(record)`` of each record, keyed by utterance id and cached in
+    ``<corpus>/cache/<name>.pt``; a corpus that grew computes only what the cache lacks."""
+    cache = Path(corpus_root) / "cache" / f"{name}.pt"
+    table = torch.load(cache, weights_only=True) if cache.exists() else {}
+    missing = [r for r in records if r["id"] not in table]
+    for r in missing:
+        table[r["id"]] = compute(r)
+    if missing:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(table, cache)
+    return table
+
+
+def checkpoint_cache(corpus_root: str | Path, checkpoint: str | Path, key: str,
+                     compute: Callable[[set[str] | None], dict], ids: Iterable[str] | None = None) -> dict:
+    """A per-utterance table made by a model checkpoint, cached in
+    ``<corpus>/cache/<key>_<checkpoint stem>.pt`` and recomputed (``compute(None)``: every
+    utterance) when the checkpoint's content changes (its SHA-256, so that a fresh clone or a copied
+    folder keeps a valid cache). Where ``ids`` are given and some are not in the cache (the corpus
+    grew), only those are computed (``compute(missing)``) and added."""
     checkpoint = Path(checkpoint)
     cache = Path(corpus_root) / "cache" / f"{key}_{checkpoint.stem}.pt"
     stamp = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    table: dict = {}
     if cache.exists():
         cached = torch.load(cache, weights_only=True)
         if cached.get("stamp") == stamp:
-            return cached[key]
-    table = compute()
+            table = cached[key]
+    missing = None if not table else {i for i in ids if i not in table} if ids is not None else set()
+    if missing == set():
+        return table
+    table = {**table, **compute(missing)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"stamp": stamp, key: table}, cache)
     return table

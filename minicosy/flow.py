@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .audio import load_wav, mel_spectrogram
 from .config import FlowConfig, get_config
-from .data import checkpoint_cache, load_manifest
+from .data import checkpoint_cache, feature_cache, load_manifest
 from .flow_encoder import UpsampleConformerEncoder
 from .flow_estimator import Attention, CausalConditionalDecoder
 from .masks import CHUNK_M, MASK_NAMES, NON_CAUSAL, chunk_size_of, make_pad_mask, sample_training_mask
@@ -443,28 +443,23 @@ def load_flow_state_dict(model: CausalMaskedDiffWithXvec,
 # ---- training on the corpus (§2.4) -------------------------------------------------------------
 def flow_mels(corpus_root: str | Path, split: str) -> dict[str, torch.Tensor]:
     """The flow's 24 kHz mels (80, frames) float16 of a split's utterances, cached under ``<corpus>/cache``."""
-    cache = Path(corpus_root) / "cache" / f"flow_mel_{split}.pt"
-    records = load_manifest(corpus_root, split)
-    if cache.exists():
-        mels = torch.load(cache, weights_only=True)
-        if all(r["id"] in mels for r in records):
-            return mels
-    mels = {r["id"]: mel_spectrogram(load_wav(Path(corpus_root) / r["path"], 24000)[0]).half() for r in records}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(mels, cache)
-    return mels
+    return feature_cache(corpus_root, f"flow_mel_{split}", load_manifest(corpus_root, split),
+                         lambda r: mel_spectrogram(load_wav(Path(corpus_root) / r["path"], 24000)[0]).half())
 
 
 def speaker_embeddings(corpus_root: str | Path, checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """CAM++ x-vectors (192,) of every corpus utterance by a trained checkpoint (the official
-    training conditions on each utterance's own embedding), cached and stamped with its mtime."""
+    training conditions on each utterance's own embedding), cached per checkpoint (:func:`~minicosy.data.checkpoint_cache`)."""
     from .campplus import CAMPPlus   # a declared component dependency (tests/test_packaging.py)
 
-    def compute() -> dict[str, torch.Tensor]:
-        model = CAMPPlus.from_checkpoint(checkpoint)
-        return {r["id"]: model.embed(*load_wav(Path(corpus_root) / r["path"]))[0] for r in load_manifest(corpus_root)}
+    records = load_manifest(corpus_root)
 
-    return checkpoint_cache(corpus_root, checkpoint, "xvectors", compute)
+    def compute(only: set[str] | None) -> dict[str, torch.Tensor]:
+        model = CAMPPlus.from_checkpoint(checkpoint)
+        return {r["id"]: model.embed(*load_wav(Path(corpus_root) / r["path"]))[0] for r in records
+                if only is None or r["id"] in only}
+
+    return checkpoint_cache(corpus_root, checkpoint, "xvectors", compute, [r["id"] for r in records])
 
 
 def load_flow_data(corpus_root: str | Path, splits: tuple[str, ...], tokenizer: str | Path,
@@ -497,7 +492,7 @@ def gta_mels(corpus_root: str | Path, flow_checkpoint: str | Path, tokenizer: st
     flow checkpoint."""
     from tqdm.auto import tqdm
 
-    def compute() -> dict[str, torch.Tensor]:
+    def compute(_: set[str] | None) -> dict[str, torch.Tensor]:
         flow = CausalMaskedDiffWithXvec.from_checkpoint(flow_checkpoint)
         ratio = flow.cfg.token_mel_ratio
         items = load_flow_data(corpus_root, (split,), tokenizer, speaker_model, ratio)

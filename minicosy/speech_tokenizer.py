@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .audio import load_wav, mel_band_centres, resample, whisper_log_mel
 from .config import FeatureConfig, SpeechTokenizerConfig, get_config
-from .data import checkpoint_cache, load_manifest
+from .data import checkpoint_cache, feature_cache, load_manifest
 from .fsq import FSQ, VectorQuantizer, bounded_round, digits_to_codes
 from .textnorm import english_phones, transcript  # noqa: F401  (reading units; re-exported here)
 from .train import (TrainConfig, model_from_checkpoint, onnx_session, recipe_parser, save_checkpoint, seed_everything,
@@ -232,18 +232,9 @@ def unit_error_rate(references: list[list[str]], hypotheses: list[list[str]]) ->
 def load_features(corpus_root: str | Path, split: str) -> list[dict]:
     """Manifest records of a split with their 16 kHz Whisper log-mels (cached beside the corpus), of
     waveforms padded to whole tokens (the tiny recipe's ``pad_to_tokens`` rule)."""
-    cache = Path(corpus_root) / "cache" / f"whisper_mel_{split}.pt"
     records = load_manifest(corpus_root, split)
-    if cache.exists():
-        mels = torch.load(cache, weights_only=True)
-        if len(mels) == len(records) and all(r["id"] in mels for r in records):
-            return [{**r, "mel": mels[r["id"]]} for r in records]
-    mels = {}
-    for r in records:
-        wav, _ = load_wav(Path(corpus_root) / r["path"], 16000)
-        mels[r["id"]] = whisper_log_mel(torch.from_numpy(pad_waveform(wav))).half()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(mels, cache)
+    mels = feature_cache(corpus_root, f"whisper_mel_{split}", records, lambda r: whisper_log_mel(
+        torch.from_numpy(pad_waveform(load_wav(Path(corpus_root) / r["path"], 16000)[0]))).half())
     return [{**r, "mel": mels[r["id"]]} for r in records]
 
 
@@ -397,15 +388,17 @@ def corpus_tokens(corpus_root: str | Path = "data/corpus",
     id; cached under ``<corpus>/cache`` (and recomputed when the checkpoint changes). With
     ``augmented_copy`` k > 0: the tokens of the train split's k-th :func:`augment`-ed copy (new
     tempo and vocal tract per utterance, drawn with seed k), extra training data for the LM."""
-    def compute() -> dict[str, torch.Tensor]:
+    splits = ("train",) if augmented_copy else ("train", "dev", "test", "heldout")
+
+    def compute(only: set[str] | None) -> dict[str, torch.Tensor]:
         model = SpeechTokenizer.from_checkpoint(checkpoint)
-        splits = ("train",) if augmented_copy else ("train", "dev", "test", "heldout")
-        records = [r for split in splits for r in load_features(corpus_root, split)]
+        records = [r for split in splits for r in load_features(corpus_root, split) if only is None or r["id"] in only]
         rng = np.random.default_rng(augmented_copy) if augmented_copy else None
         return {f["id"]: f["codes"].short() for f in extract(model, records, rng=rng)}
 
     key = f"tokens_aug{augmented_copy}" if augmented_copy else "tokens"
-    return checkpoint_cache(corpus_root, checkpoint, key, compute)
+    ids = [r["id"] for split in splits for r in load_manifest(corpus_root, split)]
+    return checkpoint_cache(corpus_root, checkpoint, key, compute, ids)
 
 
 def train_tokenizer(corpus_root: str | Path = "data/corpus", quantizer: str = "fsq", preset: str = "tiny",

@@ -9,10 +9,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from minicosy.config import CorpusConfig
-from minicosy.data import (LANGS, CorpusDataset, build_corpus, build_large, corpus_stats, load_manifest, plan_corpus,
-                           read_large_texts, read_texts, render_jobs, sentence_split)
+from minicosy.data import (LANGS, CorpusDataset, build_corpus, build_large, checkpoint_cache, corpus_stats, feature_cache,
+                           load_manifest, plan_corpus, read_large_texts, read_texts, render_jobs, sentence_split)
 from minicosy.engines import VOICES, engine_available, synthesize
 
 from .conftest import ROOT
@@ -156,7 +157,8 @@ def test_large_build_is_resumable(tmp_path, monkeypatch):
     if not all(engine_available(e) for e in ("flite", "espeak", "piper", "hibari")):
         pytest.skip("the English engines are not all installed")
     monkeypatch.setattr("minicosy.data.plan_corpus", lambda *args, **kwargs: [])
-    cfg = dict(texts=str(TEXTS), large_voices=(("flite_slt", 3), ("piper_joe", 2)), large_thin=1, large_eval=1)
+    cfg = dict(texts=str(TEXTS), large_voices=(("flite_slt", 3), ("piper_joe", 2)), large_thin=1, large_eval=1,
+               large_more=(), large_more_thin=0)
     whole = build_large(CorpusConfig(large_root=str(tmp_path / "whole"), **cfg), workers=1, chunk=3)
     records = load_manifest(tmp_path / "whole")
     english = [v for v in VOICES if v.lang == "en"]
@@ -184,3 +186,42 @@ def test_large_build_is_resumable(tmp_path, monkeypatch):
     resumed = build_large(CorpusConfig(large_root=str(tmp_path / "resumed"), **cfg), workers=1, chunk=3)
     assert resumed["fingerprint"]["sha256"] == whole["fingerprint"]["sha256"]
     assert not (tmp_path / "resumed" / "manifest.partial.jsonl").exists()
+
+    rendered = []
+
+    def counted(jobs, *args, **kwargs):
+        rendered.extend(jobs)
+        return real_render(jobs, *args, **kwargs)
+
+    monkeypatch.setattr("minicosy.data.render_jobs", counted)      # a finished build that the plan grew
+    cfg.update(large_more=(("flite_slt", 2),), large_more_thin=1)
+    build_large(CorpusConfig(large_root=str(tmp_path / "whole"), **cfg), workers=1, chunk=3)
+    grown = {r["id"]: r for r in load_manifest(tmp_path / "whole")}
+    assert len(rendered) == 2 + len(thin)              # only the new sentences were rendered
+    assert all(grown[r["id"]] == r for r in records)    # every earlier utterance and split as it was
+    new = [r for r in grown.values() if r["id"] not in {q["id"] for q in records}]
+    assert {r["split"] for r in new} == {"train"} and not {r["text"] for r in new} & {r["text"] for r in records}
+
+
+def test_checkpoint_cache_grows_with_the_corpus(tmp_path):
+    """A table cached per checkpoint computes everything once, then only the utterances a grown
+    corpus added, and everything again when the checkpoint's content changes."""
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights v1")
+    calls = []
+
+    def compute(only):
+        calls.append(None if only is None else sorted(only))
+        return {i: torch.tensor(len(calls)) for i in (only if only is not None else ("a", "b"))}
+
+    assert set(checkpoint_cache(tmp_path, ckpt, "t", compute, ["a", "b"])) == {"a", "b"}
+    assert checkpoint_cache(tmp_path, ckpt, "t", compute, ["a", "b"])["a"] == 1 and calls == [None]
+    grown = checkpoint_cache(tmp_path, ckpt, "t", compute, ["a", "b", "c"])
+    assert calls == [None, ["c"]] and (grown["a"], grown["c"]) == (1, 2)
+    ckpt.write_bytes(b"weights v2")
+    assert set(checkpoint_cache(tmp_path, ckpt, "t", compute, ["a", "b"])) == {"a", "b"} and calls[-1] is None
+    records = [{"id": "x"}, {"id": "y"}]
+    seen = []
+    feature_cache(tmp_path, "f", records[:1], lambda r: seen.append(r["id"]) or torch.zeros(1))
+    table = feature_cache(tmp_path, "f", records, lambda r: seen.append(r["id"]) or torch.ones(1))
+    assert seen == ["x", "y"] and float(table["x"]) == 0 and float(table["y"]) == 1
