@@ -416,6 +416,28 @@ def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     raise ValueError(f"dtype must be torch.float32, float16 or bfloat16 (or 'fp32', 'fp16', 'bf16'), got {dtype!r}")
 
 
+INFERENCE_FIELDS = {"flow": ("n_timesteps", "cfg_rate"), "lm": ("top_k", "top_p")}
+
+
+def set_inference(where: Path, settings: object, cfgs: dict[str, object]) -> None:
+    """Apply a model folder's ``"inference"`` settings (e.g. ``{"flow": {"cfg_rate": 2.5}}``) to the
+    loaded modules' configs: the sampling knobs a checkpoint's training did not fix
+    (:data:`INFERENCE_FIELDS`: ODE steps and CFG strength, eq. 10; RAS top-k and top-p, §2.3)."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"{where}: 'inference' must map 'flow'/'lm' to settings, got {type(settings).__name__}")
+    for part, values in settings.items():
+        if part not in INFERENCE_FIELDS or not isinstance(values, dict):
+            raise ValueError(f"{where}: 'inference' takes {sorted(INFERENCE_FIELDS)} mapped to settings, got {part!r}")
+        for name, value in values.items():
+            if name not in INFERENCE_FIELDS[part]:
+                raise ValueError(f"{where}: inference setting {part}.{name} is not one of {INFERENCE_FIELDS[part]}")
+            low_ok = name == "cfg_rate"       # CFG strength 0 turns guidance off; the others must be positive
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not low_ok):
+                raise ValueError(f"{where}: inference setting {part}.{name} must be a "
+                                 f"{'non-negative' if low_ok else 'positive'} number, got {value!r}")
+            setattr(cfgs[part], name, type(getattr(cfgs[part], name))(value))
+
+
 def _read_minicosy_folder(folder: Path) -> dict:
     """The components of a minicosy checkpoint folder, named in its ``minicosy.json``."""
     import json
@@ -442,7 +464,8 @@ def _read_minicosy_folder(folder: Path) -> dict:
                         CAMPPlus.from_checkpoint(files["campplus"]), config.features.sample_rate,
                         config.flow.token_mel_ratio)
     spk2info = load_speaker_table(folder / spec["spk2info"]) if spec.get("spk2info") else {}
-    flow = CausalMaskedDiffWithXvec.from_checkpoint(files["flow"])
+    flow, lm = CausalMaskedDiffWithXvec.from_checkpoint(files["flow"]), TextSpeechLM.from_checkpoint(files["llm"])
+    set_inference(folder / "minicosy.json", spec.get("inference", {}), {"flow": flow.cfg, "lm": lm.cfg})
     config.flow = flow.cfg
-    return {"frontend": frontend, "lm": TextSpeechLM.from_checkpoint(files["llm"]), "flow": flow,
+    return {"frontend": frontend, "lm": lm, "flow": flow,
             "hift": HiFTGenerator.from_checkpoint(files["hift"]), "config": config, "spk2info": spk2info}

@@ -368,6 +368,25 @@ def test_loading_options_and_folders_are_checked_first(tmp_path):
             CosyVoice2.from_pretrained(tmp_path)
 
 
+def test_a_model_folder_states_its_sampling_settings(tmp_path):
+    """``"inference"`` in minicosy.json sets the flow's ODE steps and CFG strength and the LM's RAS
+    top-k/top-p of the loaded model; anything else is refused by name."""
+    spec = json.loads((TINY_DIR / "minicosy.json").read_text())
+    spec = {k: (str(TINY_DIR / v) if isinstance(v, str) and k not in ("format", "preset") else v) for k, v in spec.items()}
+    (tmp_path / "minicosy.json").write_text(json.dumps(dict(spec, inference={"flow": {"cfg_rate": 2.5, "n_timesteps": 6},
+                                                                            "lm": {"top_k": 10}})))
+    tts, plain = CosyVoice2.from_pretrained(tmp_path), CosyVoice2.from_pretrained("tiny")
+    assert (tts.flow.cfg.cfg_rate, tts.flow.cfg.n_timesteps, tts.lm.cfg.top_k) == (2.5, 6, 10)
+    assert (plain.flow.cfg.cfg_rate, plain.flow.cfg.n_timesteps, plain.lm.cfg.top_k) == (0.7, 10, 25)
+    assert tts.config.flow.cfg_rate == 2.5
+    for bad, match in [({"flow": {"temperature": 0.5}}, "flow.temperature is not one of"),
+                       ({"hift": {}}, "'inference' takes"), ({"lm": {"top_k": 0}}, "must be a positive number"),
+                       ({"flow": {"cfg_rate": -1}}, "must be a non-negative number"), ([1], "must map")]:
+        (tmp_path / "minicosy.json").write_text(json.dumps(dict(spec, inference=bad)))
+        with pytest.raises(ValueError, match=match):
+            CosyVoice2.from_pretrained(tmp_path)
+
+
 def test_hub_names_resolve_offline_or_say_what_to_download(tmp_path, monkeypatch):
     """``FunAudioLLM/CosyVoice2-0.5B`` (or ModelScope's ``iic/...``) is looked up in $MINICOSY_HOME
     and the Hugging Face cache (laid out here by hand), never downloaded."""
