@@ -160,6 +160,8 @@ def eval_command(args: argparse.Namespace) -> None:
         if args.cfg_rate < 0:
             raise ValueError(f"--cfg-rate must be non-negative, got {args.cfg_rate}")
         tts.flow.cfg.cfg_rate = args.cfg_rate
+    if args.in_context_prompt is not None:
+        tts.lm.cfg.in_context_prompt = args.in_context_prompt == "on"
     modes = tuple(m.strip() for m in args.modes.split(","))
     if args.instructions:
         from .eval_instruct import corpus_instruction_changes, evaluate_instructions, instruction_table, quality_table
@@ -180,7 +182,8 @@ def eval_command(args: argparse.Namespace) -> None:
         return
     if args.per_voice:
         result = evaluate_voices(tts, args.corpus, args.voices, args.per_voice, modes, seed=args.seed)
-        result.update(top_k=tts.lm.cfg.top_k, flow_steps=tts.flow.cfg.n_timesteps, cfg_rate=tts.flow.cfg.cfg_rate)
+        result.update(top_k=tts.lm.cfg.top_k, flow_steps=tts.flow.cfg.n_timesteps, cfg_rate=tts.flow.cfg.cfg_rate,
+                      in_context_prompt=tts.lm.cfg.in_context_prompt)
         print(format_voice_table(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
@@ -257,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--modes", default="offline,FM stream,LM stream,LM+FM stream",
                    help="comma-separated: offline, FM stream, LM stream, LM+FM stream (Table 8's grid); with "
                         "--per-voice also GL true mel, HiFT true mel, flow true tokens (the stage table) and "
-                        "no LM prompt (the LM without the prompt, as cross-lingual)")
+                        "no LM prompt (the LM without the prompt, as cross-lingual; 'no LM prompt LM+FM stream' "
+                        "with text-in and flow streaming)")
     e.add_argument("--incremental", action="store_true")
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--json", help="also write the table as JSON")
@@ -276,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--cfg-rate", type=float, metavar="B",
                    help="the flow's classifier-free guidance strength beta (eq. 10) for this evaluation "
                         "(default: the checkpoint's; the paper's is 0.7)")
+    e.add_argument("--in-context-prompt", choices=("on", "off"),
+                   help="whether zero-shot synthesis puts the prompt in the LM's context for this evaluation "
+                        "(default: the model folder's; the paper's is on, §2.3)")
     e.add_argument("--instructions", action="store_true",
                    help="instead: instruction following (§2.6, Table 10 analogue) over --n held-out trials, each "
                         "condition's right-way share with its Wilson 95%% interval next to the engines' own renderings")

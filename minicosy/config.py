@@ -96,6 +96,10 @@ class LMConfig:
     win_size: int = 10
     tau_r: float = 0.1
     align_ctc_weight: float = 0.0     # training-only alignment aid (lm_align.py); 0: the paper's loss alone
+    # zero-shot (§2.3): the LM continues the prompt's text and speech tokens (the paper). False: only
+    # the flow gets the prompt, as in cross-lingual synthesis (a tiny LM loses words continuing a voice
+    # it never heard; set by a model folder's "inference", see pipeline.set_inference)
+    in_context_prompt: bool = True
 
     @property
     def eos_id(self) -> int:

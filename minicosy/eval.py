@@ -242,9 +242,11 @@ def recording_wer_by_voice(corpus_root: str | Path = "data/corpus", splits: tupl
 # Table 8's grid: (LM streaming = text fed in 5-token chunks, bistream; flow/vocoder streaming)
 EVAL_MODES = {"offline": (False, False), "FM stream": (False, True), "LM stream": (True, False),
               "LM+FM stream": (True, True)}
-# offline, the LM given no prompt (``inference_cross_lingual``: the flow keeps the prompt's voice):
-# against "offline", what continuing the prompt's speech tokens costs the LM (the zero-shot layout)
+# the LM given no prompt (``inference_cross_lingual``: the flow keeps the prompt's voice): against
+# "offline", what continuing the prompt's speech tokens costs the LM (the zero-shot layout); offline
+# and, for Table 8 in this layout, with text-in streaming and the flow streaming
 NO_LM_PROMPT = "no LM prompt"
+NO_LM_PROMPT_MODES = {NO_LM_PROMPT: (False, False), f"{NO_LM_PROMPT} LM+FM stream": (True, True)}
 
 
 def _word_stream(text: str) -> Iterator[str]:
@@ -330,7 +332,7 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
     """Each voice's synthesis next to its own recordings of the same sentences: per voice of
     :func:`voice_trials`, pocketsphinx's WER of the recordings and of zero-shot synthesis in each
     mode (a voice's own recording is the prompt), their ratio, and speaker similarity to the prompt
-    (resemblyzer, CAM++); :data:`NO_LM_PROMPT` leaves the prompt out of the LM. A mode of
+    (resemblyzer, CAM++); :data:`NO_LM_PROMPT_MODES` leave the prompt out of the LM. A mode of
     :data:`TRUE_INPUT_MODES` re-makes each recording from its true
     mel or tokens instead (:func:`true_input_audio`): the stage table, per voice. ``"readable"``
     pools the voices whose recordings are read at WER <= :data:`READABLE_WER`, where the
@@ -339,10 +341,10 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
 
     from .audio import load_wav
 
-    unknown = set(modes) - {*EVAL_MODES, *TRUE_INPUT_MODES, NO_LM_PROMPT}
+    unknown = set(modes) - {*EVAL_MODES, *TRUE_INPUT_MODES, *NO_LM_PROMPT_MODES}
     if unknown:
         raise ValueError(f"unknown evaluation modes {sorted(unknown)}; "
-                         f"choose from {[*EVAL_MODES, *TRUE_INPUT_MODES, NO_LM_PROMPT]}")
+                         f"choose from {[*EVAL_MODES, *TRUE_INPUT_MODES, *NO_LM_PROMPT_MODES]}")
     root, asr, judge = Path(corpus_root), SphinxASR(), SpeakerEncoder()
     trials = voice_trials(root, voices, per_voice)
     true_input = [m for m in modes if m in TRUE_INPUT_MODES]
@@ -361,13 +363,13 @@ def evaluate_voices(tts, corpus_root: str | Path = "data/corpus", voices: str = 
             for mode in modes:
                 if mode in TRUE_INPUT_MODES:
                     wav = true_input_audio(tts, mode, recording, features, seed)
-                elif mode == NO_LM_PROMPT:
-                    wav = join_speech(tts.inference_cross_lingual(target["text"], (prompt_wav, psr), seed=seed))[0].numpy()
                 else:
-                    lm_stream, fm_stream = EVAL_MODES[mode]
+                    lm_stream, fm_stream = {**EVAL_MODES, **NO_LM_PROMPT_MODES}[mode]
                     text = _word_stream(target["text"]) if lm_stream else target["text"]
-                    wav = join_speech(tts.inference_zero_shot(text, prompt["text"], (prompt_wav, psr),
-                                                              stream=fm_stream, seed=seed))[0].numpy()
+                    run = (tts.inference_cross_lingual(text, (prompt_wav, psr), stream=fm_stream, seed=seed)
+                           if mode in NO_LM_PROMPT_MODES else
+                           tts.inference_zero_shot(text, prompt["text"], (prompt_wav, psr), stream=fm_stream, seed=seed))
+                    wav = join_speech(run)[0].numpy()
                 hyps[mode].append(asr.transcribe(wav, tts.sample_rate))
                 sims[mode].append((judge.similarity(wav, tts.sample_rate, prompt_wav, psr),
                                    speaker_similarity(tts.frontend.speaker_model, wav, tts.sample_rate, prompt_wav, psr)))

@@ -204,13 +204,15 @@ class CosyVoice2:
                             zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
                             text_frontend: bool = True, **kw) -> Iterator[dict]:
         """In-context learning (§2.3): the LM continues the prompt's text and speech tokens; the flow
-        gets the prompt tokens, mel and x-vector."""
+        gets the prompt tokens, mel and x-vector. With ``lm.cfg.in_context_prompt`` off (a tiny
+        model's setting) only the flow gets the prompt, as in :meth:`inference_cross_lingual`."""
         if not zero_shot_spk_id and (not isinstance(prompt_text, str) or not prompt_text.strip()):
             raise ValueError("prompt_text is required for zero-shot synthesis (the transcript of prompt_wav)")
         start = time.perf_counter()
         p, state = self._prompt(prompt_wav, prompt_text, zero_shot_spk_id, text_frontend, kw.get("incremental", False))
+        lm_text, lm_speech = (p.text_ids, p.speech_token) if self.lm.cfg.in_context_prompt else ([], _no_tokens())
         yield from self._run(tts_text, text_frontend, lambda text: Request(
-            text, p.text_ids, p.speech_token, p.speech_token, p.speech_feat, p.embedding, state), stream, speed, start, **kw)
+            text, lm_text, lm_speech, p.speech_token, p.speech_feat, p.embedding, state), stream, speed, start, **kw)
 
     def inference_cross_lingual(self, tts_text: str | Iterable[str], prompt_wav: PromptAudio | None,
                                 zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
@@ -416,13 +418,14 @@ def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     raise ValueError(f"dtype must be torch.float32, float16 or bfloat16 (or 'fp32', 'fp16', 'bf16'), got {dtype!r}")
 
 
-INFERENCE_FIELDS = {"flow": ("n_timesteps", "cfg_rate"), "lm": ("top_k", "top_p")}
+INFERENCE_FIELDS = {"flow": ("n_timesteps", "cfg_rate"), "lm": ("top_k", "top_p", "in_context_prompt")}
 
 
 def set_inference(where: Path, settings: object, cfgs: dict[str, object]) -> None:
     """Apply a model folder's ``"inference"`` settings (e.g. ``{"flow": {"cfg_rate": 2.5}}``) to the
-    loaded modules' configs: the sampling knobs a checkpoint's training did not fix
-    (:data:`INFERENCE_FIELDS`: ODE steps and CFG strength, eq. 10; RAS top-k and top-p, §2.3)."""
+    loaded modules' configs: the knobs a checkpoint's training did not fix (:data:`INFERENCE_FIELDS`:
+    ODE steps and CFG strength, eq. 10; RAS top-k and top-p, and whether zero-shot synthesis puts the
+    prompt in the LM's context, §2.3)."""
     if not isinstance(settings, dict):
         raise ValueError(f"{where}: 'inference' must map 'flow'/'lm' to settings, got {type(settings).__name__}")
     for part, values in settings.items():
@@ -431,6 +434,11 @@ def set_inference(where: Path, settings: object, cfgs: dict[str, object]) -> Non
         for name, value in values.items():
             if name not in INFERENCE_FIELDS[part]:
                 raise ValueError(f"{where}: inference setting {part}.{name} is not one of {INFERENCE_FIELDS[part]}")
+            if name == "in_context_prompt":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{where}: inference setting lm.in_context_prompt must be true or false, got {value!r}")
+                setattr(cfgs[part], name, value)
+                continue
             low_ok = name == "cfg_rate"       # CFG strength 0 turns guidance off; the others must be positive
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not low_ok):
                 raise ValueError(f"{where}: inference setting {part}.{name} must be a "

@@ -6,7 +6,7 @@ import soundfile as sf
 import pytest
 
 from minicosy.__main__ import DEMO_VOICE, main
-from minicosy.eval import (EVAL_MODES, NO_LM_PROMPT, READABLE_WER, STAGES, TRUE_INPUT_MODES, _word_stream, evaluate_tts,
+from minicosy.eval import (EVAL_MODES, NO_LM_PROMPT, NO_LM_PROMPT_MODES, READABLE_WER, STAGES, TRUE_INPUT_MODES, _word_stream, evaluate_tts,
                            evaluate_voices, format_table, format_voice_table, recording_wer_by_voice, stage_unit_error,
                            stage_wer, synthesis_trials, voice_trials)
 from minicosy.pipeline import CosyVoice2
@@ -82,7 +82,7 @@ def test_evaluate_voices_compares_each_voice_with_its_own_recordings(corpus_root
 def test_evaluate_voices_takes_the_stage_table_per_voice(corpus_root):
     """The true-input modes re-make each voice's recordings from their true mel or tokens, beside
     the zero-shot synthesis of the same sentences: bar 4's stage table, like with like."""
-    modes = (*TRUE_INPUT_MODES, "offline", NO_LM_PROMPT)
+    modes = (*TRUE_INPUT_MODES, "offline", *NO_LM_PROMPT_MODES)
     result = evaluate_voices(CosyVoice2.from_pretrained("tiny"), corpus_root, "heldout", per_voice=2, modes=modes,
                              progress=False)
     row = result["voices"]["flite_rms"]

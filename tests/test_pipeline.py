@@ -13,7 +13,7 @@ from minicosy.data import load_manifest
 from minicosy.frontend import Frontend
 from minicosy.hift import VocoderStream
 from minicosy.official import read_yaml, write_official_folder
-from minicosy.pipeline import TINY_DIR, CosyVoice2, eq11_latency
+from minicosy.pipeline import TINY_DIR, CosyVoice2, eq11_latency, join_speech
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TEXT = "The weather is nice today, so we walk to the park."
@@ -373,15 +373,24 @@ def test_a_model_folder_states_its_sampling_settings(tmp_path):
     top-k/top-p of the loaded model; anything else is refused by name."""
     spec = json.loads((TINY_DIR / "minicosy.json").read_text())
     spec = {k: (str(TINY_DIR / v) if isinstance(v, str) and k not in ("format", "preset") else v) for k, v in spec.items()}
-    (tmp_path / "minicosy.json").write_text(json.dumps(dict(spec, inference={"flow": {"cfg_rate": 2.5, "n_timesteps": 6},
-                                                                            "lm": {"top_k": 10}})))
+    (tmp_path / "minicosy.json").write_text(json.dumps(dict(spec, inference={
+        "flow": {"cfg_rate": 2.5, "n_timesteps": 6}, "lm": {"top_k": 10, "in_context_prompt": False}})))
     tts, plain = CosyVoice2.from_pretrained(tmp_path), CosyVoice2.from_pretrained("tiny")
-    assert (tts.flow.cfg.cfg_rate, tts.flow.cfg.n_timesteps, tts.lm.cfg.top_k) == (2.5, 6, 10)
-    assert (plain.flow.cfg.cfg_rate, plain.flow.cfg.n_timesteps, plain.lm.cfg.top_k) == (0.7, 10, 25)
+    assert (tts.flow.cfg.cfg_rate, tts.flow.cfg.n_timesteps, tts.lm.cfg.top_k, tts.lm.cfg.in_context_prompt) == (2.5, 6, 10, False)
+    assert (plain.flow.cfg.cfg_rate, plain.flow.cfg.n_timesteps, plain.lm.cfg.top_k, plain.lm.cfg.in_context_prompt) == (
+        0.7, 10, 25, True)
     assert tts.config.flow.cfg_rate == 2.5
+    # without the prompt in the LM's context, zero-shot synthesis is cross-lingual synthesis
+    prompt = (np.sin(np.linspace(0, 400, 24000)).astype(np.float32) * 0.3, 24000)
+    tts.lm.cfg.top_k = plain.lm.cfg.top_k = 25
+    zero_shot = join_speech(tts.inference_zero_shot("We walk home.", "A prompt.", prompt, seed=0))[0]
+    assert torch.equal(zero_shot, join_speech(tts.inference_cross_lingual("We walk home.", prompt, seed=0))[0])
+    tts.lm.cfg.in_context_prompt = True
+    assert not torch.equal(zero_shot, join_speech(tts.inference_zero_shot("We walk home.", "A prompt.", prompt, seed=0))[0])
     for bad, match in [({"flow": {"temperature": 0.5}}, "flow.temperature is not one of"),
                        ({"hift": {}}, "'inference' takes"), ({"lm": {"top_k": 0}}, "must be a positive number"),
-                       ({"flow": {"cfg_rate": -1}}, "must be a non-negative number"), ([1], "must map")]:
+                       ({"flow": {"cfg_rate": -1}}, "must be a non-negative number"), ([1], "must map"),
+                       ({"lm": {"in_context_prompt": 0}}, "must be true or false")]:
         (tmp_path / "minicosy.json").write_text(json.dumps(dict(spec, inference=bad)))
         with pytest.raises(ValueError, match=match):
             CosyVoice2.from_pretrained(tmp_path)
@@ -447,7 +456,6 @@ def test_the_instruct_chain_follows_rate_instructions(corpus_root):
     renderings last clearly longer (its card: speed factors 0.78 and 1.30 over 40 trials)."""
     from minicosy.eval import synthesis_trials
     from minicosy.instruct import instruction, speech_duration
-    from minicosy.pipeline import join_speech
 
     if not (corpus_root / "manifest.jsonl").exists():
         pytest.skip("corpus not built: run `python -m minicosy.data build`")
