@@ -1,11 +1,12 @@
 """End-to-end evaluation and the command line (tts, demo) on the tiny model."""
 import json
+import re
 
 import numpy as np
 import soundfile as sf
 import pytest
 
-from minicosy.__main__ import DEMO_VOICE, main
+from minicosy.__main__ import DEMO_MODEL, DEMO_VOICE, main
 from minicosy.eval import (EVAL_MODES, NO_LM_PROMPT, NO_LM_PROMPT_MODES, READABLE_WER, STAGES, TRUE_INPUT_MODES, _word_stream, evaluate_tts,
                            evaluate_voices, format_table, format_voice_table, recording_wer_by_voice, stage_unit_error,
                            stage_wer, synthesis_trials, voice_trials)
@@ -213,4 +214,7 @@ def test_demo_speaks_a_held_out_sentence(corpus_root, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (tmp_path / "demo.wav").exists()
     assert "held-out voice" in printed and "pocketsphinx hears" in printed and "RTF" in printed
-    assert f"prompt: {DEMO_VOICE} (held-out voice)" in printed
+    assert f"prompt: {DEMO_VOICE} (held-out voice)" in printed and f"model:  {DEMO_MODEL}" in printed
+    heard = re.search(r"pocketsphinx hears: .* \(WER ([0-9.]+)\); on the corpus recording .* \(WER ([0-9.]+)\)", printed)
+    # issue 20's bar 5: the judge reads the demo (0.00 where it was measured, both; a margin for other CPUs)
+    assert heard and float(heard[1]) <= 0.5 and float(heard[2]) <= 0.3
