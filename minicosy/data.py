@@ -59,6 +59,10 @@ MIN_SECONDS, MAX_SECONDS = 1.0, 15.0
 PEAK = 0.9
 
 
+# manifest field of the large corpus' second helping of training text (``CorpusConfig.large_more``)
+MORE_TIER = "more"
+
+
 @dataclass(frozen=True)
 class Job:
     """One utterance to render."""
@@ -241,8 +245,8 @@ def plan_large(texts: dict[str, list[str]], large: dict[str, list[str]], voices:
     sentences are read by every English voice, held-out ones included: the ``eval`` split, which
     no training, dev or tokenizer data contains, so that each voice's recordings and syntheses of
     the same sentences can be compared. Last, ``cfg.large_more`` and ``cfg.large_more_thin`` more
-    sentences per voice, all ``train``: a corpus built before they existed keeps every split's
-    sentences and only grows."""
+    sentences per voice, all ``train`` and marked :data:`MORE_TIER` in the manifest: a corpus built
+    before they existed keeps every split's sentences and only grows."""
     by_name = {v.name: v for v in voices}
     missing = sorted({name for name, _ in cfg.large_voices + cfg.large_more if name not in by_name})
     if missing:
@@ -265,7 +269,7 @@ def plan_large(texts: dict[str, list[str]], large: dict[str, list[str]], voices:
         jobs += [Job(f"{voice.name}-{sid}", text, voice, "eval") for sid, text in pool[k:k + cfg.large_eval]]
     k += cfg.large_eval
     for voice, n in more:
-        jobs += [Job(f"{voice.name}-{sid}", text, voice, "train") for sid, text in pool[k:k + n]]
+        jobs += [Job(f"{voice.name}-{sid}", text, voice, "train", ((MORE_TIER, True),)) for sid, text in pool[k:k + n]]
         k += n
     return sorted(jobs, key=lambda j: j.id)
 
@@ -297,15 +301,17 @@ def build_large(cfg: CorpusConfig | None = None, workers: int | None = None, chu
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
                     done[r["id"]] = r
             bar.update(len(todo[i:i + chunk]))
+    for job in jobs:              # the plan's marks, also on records rendered before the plan had them
+        done[job.id].update(job.extra)
     records = sorted((r for r in done.values() if "dropped" not in r), key=lambda r: r["id"])
     write_manifest(root, records)
     summary = corpus_stats(records)
     summary.update(fingerprint=corpus_fingerprint(root, records), sentences=len({r["text"] for r in records}),
                    dropped=sorted((r for r in done.values() if "dropped" in r), key=lambda r: r["id"]),
                    build_seconds=round(time.time() - start, 1), large_voices=dict(cfg.large_voices),
-                   large_thin=cfg.large_thin)
+                   large_thin=cfg.large_thin, large_more=dict(cfg.large_more), large_more_thin=cfg.large_more_thin)
     (root / "corpus.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
-    partial.unlink()
+    partial.unlink(missing_ok=True)
     return summary
 
 

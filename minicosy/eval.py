@@ -306,10 +306,12 @@ def evaluate_tts(tts, corpus_root: str | Path = "data/corpus", n: int = 8, modes
 
 def voice_trials(corpus_root: str | Path, voices: str = "heldout", per_voice: int = 20, lang: str = "en") -> dict[str, list[dict]]:
     """Per voice of the set (:data:`VOICE_SETS`), up to ``per_voice`` target records, each with a
-    prompt record of the same voice (a different sentence, about 4 s). The targets are the ``eval``
-    split where the corpus has one (the large corpus: the same sentences read by every voice, in
-    no training, dev or tokenizer data), else the set's own splits."""
-    from .data import load_manifest
+    prompt record of the same voice (a different sentence, about 4 s; never one of the large
+    corpus' second helping, :data:`~minicosy.data.MORE_TIER`, so that growing the corpus leaves
+    every evaluation as it was). The targets are the ``eval`` split where the corpus has one (the
+    large corpus: the same sentences read by every voice, in no training, dev or tokenizer data),
+    else the set's own splits."""
+    from .data import MORE_TIER, load_manifest
 
     if voices not in VOICE_SETS:
         raise ValueError(f"voices must be one of {sorted(VOICE_SETS)}, got {voices!r}")
@@ -317,7 +319,7 @@ def voice_trials(corpus_root: str | Path, voices: str = "heldout", per_voice: in
     names = {r["speaker"] for split in target_splits for r in load_manifest(corpus_root, split) if r["lang"] == lang}
     evaluation = [r for r in load_manifest(corpus_root, "eval") if r["speaker"] in names]
     targets = evaluation or [r for split in target_splits for r in load_manifest(corpus_root, split) if r["lang"] == lang]
-    prompts = [r for r in load_manifest(corpus_root, prompt_split) if r["lang"] == lang]
+    prompts = [r for r in load_manifest(corpus_root, prompt_split) if r["lang"] == lang and not r.get(MORE_TIER)]
     trials: dict[str, list[dict]] = {}
     for voice in sorted(names):
         own = sorted((r for r in targets if r["speaker"] == voice), key=lambda r: r["id"])[:per_voice]

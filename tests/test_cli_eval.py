@@ -7,6 +7,7 @@ import soundfile as sf
 import pytest
 
 from minicosy.__main__ import DEMO_MODEL, DEMO_VOICE, main
+from minicosy.data import load_manifest
 from minicosy.eval import (EVAL_MODES, NO_LM_PROMPT, NO_LM_PROMPT_MODES, READABLE_WER, STAGES, TRUE_INPUT_MODES, _word_stream, evaluate_tts,
                            evaluate_voices, format_table, format_voice_table, recording_wer_by_voice, stage_unit_error,
                            stage_wer, synthesis_trials, voice_trials)
@@ -58,6 +59,19 @@ def test_voice_trials_give_each_voice_its_own_sentences_and_prompt(corpus_root):
     seen = voice_trials(corpus_root, "seen", per_voice=2)
     assert "hibari_heart" in seen and not set(seen) & set(trials)
     assert all(t["prompt"]["split"] == "train" for vt in seen.values() for t in vt)
+
+
+def test_a_grown_corpus_keeps_each_evaluation_prompt(corpus_root, tmp_path):
+    """The large corpus' second helping (``large_more``, marked in the manifest) never supplies a
+    prompt, so growing the corpus leaves every voice's prompt, and so its evaluation, as it was."""
+    from minicosy.data import MORE_TIER
+
+    records = load_manifest(corpus_root)
+    before = {v: t[0]["prompt"]["id"] for v, t in voice_trials(corpus_root, "seen", per_voice=1).items()}
+    grown = records + [dict(r, id=r["id"] + "-more", text=r["text"] + " Again.", duration=4.0, **{MORE_TIER: True})
+                       for r in records if r["split"] == "train"]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in grown))
+    assert {v: t[0]["prompt"]["id"] for v, t in voice_trials(tmp_path, "seen", per_voice=1).items()} == before
 
 
 def test_evaluate_voices_compares_each_voice_with_its_own_recordings(corpus_root):

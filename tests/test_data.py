@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 from minicosy.config import CorpusConfig
-from minicosy.data import (LANGS, CorpusDataset, build_corpus, build_large, checkpoint_cache, corpus_stats, feature_cache,
+from minicosy.data import (LANGS, MORE_TIER, CorpusDataset, build_corpus, build_large, checkpoint_cache, corpus_stats, feature_cache,
                            load_manifest, plan_corpus, read_large_texts, read_texts, render_jobs, sentence_split)
 from minicosy.engines import VOICES, engine_available, synthesize
 
@@ -201,6 +201,7 @@ def test_large_build_is_resumable(tmp_path, monkeypatch):
     assert all(grown[r["id"]] == r for r in records)    # every earlier utterance and split as it was
     new = [r for r in grown.values() if r["id"] not in {q["id"] for q in records}]
     assert {r["split"] for r in new} == {"train"} and not {r["text"] for r in new} & {r["text"] for r in records}
+    assert all(r[MORE_TIER] for r in new) and not any(MORE_TIER in r for r in records)
 
 
 def test_checkpoint_cache_grows_with_the_corpus(tmp_path):
