@@ -290,7 +290,7 @@ def build_large(cfg: CorpusConfig | None = None, workers: int | None = None, chu
         done.update({r["id"]: r for r in json.loads((root / "corpus.json").read_text(encoding="utf-8"))["dropped"]})
     if partial.exists():
         with open(partial, encoding="utf-8") as f:
-            done = {r["id"]: r for r in map(json.loads, f)}
+            done.update({r["id"]: r for r in map(json.loads, f)})
     todo = [j for j in jobs if j.id not in done]
     root.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"large corpus under {root}", unit="utt") as bar:
@@ -454,10 +454,10 @@ def checkpoint_cache(corpus_root: str | Path, checkpoint: str | Path, key: str,
         cached = torch.load(cache, weights_only=True)
         if cached.get("stamp") == stamp:
             table = cached[key]
-    missing = None if not table else {i for i in ids if i not in table} if ids is not None else set()
+    missing = ({i for i in ids if i not in table} if ids is not None else set()) if table else None
     if missing == set():
         return table
-    table = {**table, **compute(missing)}
+    table.update(compute(missing))         # None: the whole table
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"stamp": stamp, key: table}, cache)
     return table
