@@ -145,7 +145,7 @@ def eval_command(args: argparse.Namespace) -> None:
 
     from .eval import (evaluate_tts, evaluate_voices, format_comparison, format_table, format_voice_table,
                        stage_outputs, stage_unit_error, stage_wer)
-    from .pipeline import CosyVoice2
+    from .pipeline import CosyVoice2, set_inference
 
     if args.compare:
         print(format_comparison(*(json.loads(Path(f).read_text()) for f in args.compare)))
@@ -156,16 +156,10 @@ def eval_command(args: argparse.Namespace) -> None:
         if args.top_k < 1:
             raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
         tts.lm.cfg.top_k = args.top_k
-    if args.flow_steps is not None:
-        if args.flow_steps < 1:
-            raise ValueError(f"--flow-steps must be at least 1, got {args.flow_steps}")
-        tts.flow.cfg.n_timesteps = args.flow_steps
-    if args.cfg_rate is not None:
-        if args.cfg_rate < 0:
-            raise ValueError(f"--cfg-rate must be non-negative, got {args.cfg_rate}")
-        tts.flow.cfg.cfg_rate = args.cfg_rate
-    if args.in_context_prompt is not None:
-        tts.lm.cfg.in_context_prompt = args.in_context_prompt == "on"
+    flow = {k: v for k, v in (("n_timesteps", args.flow_steps), ("cfg_rate", args.cfg_rate)) if v is not None}
+    lm = {} if args.in_context_prompt is None else {"in_context_prompt": args.in_context_prompt == "on"}
+    # the same names and checks as a model folder's "inference" section
+    set_inference(Path("eval's options"), {"flow": flow, "lm": lm}, {"flow": tts.flow.cfg, "lm": tts.lm.cfg})
     modes = tuple(m.strip() for m in args.modes.split(","))
     if args.instructions:
         from .eval_instruct import corpus_instruction_changes, evaluate_instructions, instruction_table, quality_table
