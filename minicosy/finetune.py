@@ -12,6 +12,7 @@ Usage::
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Callable
@@ -98,9 +99,11 @@ def score_candidates(candidates: list[dict], text: str, prompt_wav: np.ndarray, 
 
 
 def train_dpo(policy: TextSpeechLM, pairs: list[dict], text_ids: dict[str, torch.Tensor], tcfg: TrainConfig,
-              beta: float = 0.1, pairs_per_batch: int = 4) -> TrainLog:
+              beta: float = 0.1, pairs_per_batch: int = 4, val_pairs: list[dict] | None = None) -> TrainLog:
     """DPO (eq. 13) of ``policy`` against a frozen copy of itself as it is now, on preference
-    ``pairs`` (:func:`~minicosy.rl.preference_pairs`), ``pairs_per_batch`` pairs per step."""
+    ``pairs`` (:func:`~minicosy.rl.preference_pairs`), ``pairs_per_batch`` pairs per step. With
+    ``val_pairs`` (other texts' pairs) and ``tcfg.validate_minutes``, their DPO loss is checked and
+    the policy ends with the weights that scored best (early stopping against overfitting)."""
     if not pairs:
         raise ValueError("no preference pairs: every text's candidates tied")
     reference = _copy(policy)
@@ -114,7 +117,15 @@ def train_dpo(policy: TextSpeechLM, pairs: list[dict], text_ids: dict[str, torch
             for k in range(0, len(order), pairs_per_batch):
                 yield dpo_batch(order[k:k + pairs_per_batch], text_ids)
 
-    return train_loop(policy, batches(), lambda b: dpo_step_loss(policy, reference, b, beta), tcfg, desc="DPO")
+    held = [dpo_batch(val_pairs[k:k + pairs_per_batch], text_ids) for k in range(0, len(val_pairs or []), pairs_per_batch)]
+
+    @torch.no_grad()
+    def held_out_loss() -> float:
+        policy.eval()
+        return float(np.mean([dpo_step_loss(policy, reference, b, beta).item() for b in held]))
+
+    return train_loop(policy, batches(), lambda b: dpo_step_loss(policy, reference, b, beta), tcfg, desc="DPO",
+                      validate=held_out_loss if held else None)
 
 
 # ----- the experiments of notebook 08 (``python -m minicosy.train finetune``) ----------------------
@@ -129,10 +140,9 @@ def _copy(lm: TextSpeechLM) -> TextSpeechLM:
     return twin
 
 
-def preference_data(tts, records: list[dict], corpus_root: str | Path, k: int = 4, seed: int = 0) -> tuple[list[dict], dict]:
-    """DPO pairs from the current LM: for each training record, ``k`` candidates in the voice of the
-    record's own recording, ranked by pocketsphinx WER and resemblyzer similarity. Returns the
-    pairs and the candidates' score statistics."""
+def score_records(tts, records: list[dict], corpus_root: str | Path, k: int = 4, seed: int = 0) -> dict[str, list[dict]]:
+    """For each record, ``k`` candidates of its text in the voice of its own recording, each with
+    its ``speech`` ids and the judges' ``wer`` (pocketsphinx) and ``sim`` (resemblyzer); keyed by id."""
     from tqdm.auto import tqdm
 
     from .audio import load_wav
@@ -141,14 +151,26 @@ def preference_data(tts, records: list[dict], corpus_root: str | Path, k: int = 
     scored: dict[str, list[dict]] = {}
     for r in tqdm(records, desc="DPO candidates"):
         wav, sr = load_wav(Path(corpus_root) / r["path"])
-        scored[r["id"]] = score_candidates(sample_candidates(tts, r["text"], (wav, sr), k, seed), r["text"], wav, sr,
-                                           asr, judge)
-    pairs = preference_pairs({key: [{k2: c[k2] for k2 in ("speech", "wer", "sim")} for c in cands]
-                              for key, cands in scored.items()})
+        scored[r["id"]] = [{key: c[key] for key in ("speech", "wer", "sim")} for c in score_candidates(
+            sample_candidates(tts, r["text"], (wav, sr), k, seed), r["text"], wav, sr, asr, judge)]
+    return scored
+
+
+def pair_statistics(scored: dict[str, list[dict]], pairs: list[dict]) -> dict:
+    """How many texts, candidates and pairs, the judge's mean WER on the candidates and the mean
+    WER gap between a pair's rejected and chosen sides."""
     wers = [c["wer"] for cands in scored.values() for c in cands]
     gap = [p["rejected_score"][0] - p["chosen_score"][0] for p in pairs]
-    return pairs, {"texts": len(records), "candidates": len(wers), "pairs": len(pairs),
-                   "mean_wer": float(np.mean(wers)), "mean_wer_gap": float(np.mean(gap)) if gap else 0.0}
+    return {"texts": len(scored), "candidates": len(wers), "pairs": len(pairs),
+            "mean_wer": float(np.mean(wers)), "mean_wer_gap": float(np.mean(gap)) if gap else 0.0}
+
+
+def preference_data(tts, records: list[dict], corpus_root: str | Path, k: int = 4, seed: int = 0) -> tuple[list[dict], dict]:
+    """DPO pairs from the current LM (:func:`score_records`, then the best and the worst candidate
+    of each text); returns the pairs and :func:`pair_statistics`."""
+    scored = score_records(tts, records, corpus_root, k, seed)
+    pairs = preference_pairs(scored)
+    return pairs, pair_statistics(scored, pairs)
 
 
 def rl_experiment(tts, corpus_root: str | Path, tokenizer_path: str | Path, minutes: float = 3.0, texts: int = 24,
@@ -239,8 +261,6 @@ def msft_experiment(tts, corpus_root: str | Path, tokenizer_path: str | Path, mi
 def finetune_main(argv: list[str] | None = None) -> None:
     """``python -m minicosy.train finetune [--minutes 3] [--out data/checkpoints/finetune_results.json]``:
     the mSFT and RL experiments on the tiny model; prints and saves their numbers."""
-    import json
-
     from .pipeline import CosyVoice2
     from .train import is_main_process, provenance, recipe_parser
 
@@ -266,3 +286,84 @@ def finetune_main(argv: list[str] | None = None) -> None:
     if is_main_process():
         Path(a.out).write_text(json.dumps(out, indent=1))
         print(f"-> {a.out}")
+
+
+def readable_records(corpus_root: str | Path, n: int, seed: int = 0, per_voice_check: int = 20,
+                     lang: str = "en") -> list[dict]:
+    """``n`` training utterances (2-6 s), a seeded draw, of the training voices whose recordings
+    pocketsphinx reads at WER <= :data:`~minicosy.eval.READABLE_WER` (checked on each voice's first
+    ``per_voice_check`` training utterances): texts on which the DPO judge can read the model."""
+    from .data import load_manifest
+    from .eval import recording_wer_by_voice
+
+    readable = {voice for voice, row in recording_wer_by_voice(corpus_root, ("train",), lang, per_voice_check).items()
+                if row["readable"]}
+    pool = [r for r in load_manifest(corpus_root, "train")
+            if r["lang"] == lang and r["speaker"] in readable and 2.0 <= r["duration"] <= 6.0]
+    if len(pool) < n:
+        raise ValueError(f"{corpus_root} has {len(pool)} training utterances of readable voices "
+                         f"({sorted(readable)}), fewer than the {n} asked for")
+    return [pool[i] for i in np.random.default_rng(seed).choice(len(pool), n, replace=False)]
+
+
+def cached_scores(tts, records: list[dict], corpus_root: str | Path, k: int, seed: int,
+                  cache: Path | None) -> dict[str, list[dict]]:
+    """:func:`score_records`, kept in ``cache`` (if given): candidates take most of a DPO run's
+    time, so later runs on the same texts, ``k`` and seed read them back."""
+    ids = [r["id"] for r in records]
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        if saved["ids"] != ids or saved["k"] != k or saved["seed"] != seed:
+            raise ValueError(f"{cache} holds candidates of other texts, k or seed; remove it or give another file")
+        return saved["scored"]
+    scored = score_records(tts, records, corpus_root, k, seed)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"ids": ids, "k": k, "seed": seed, "scored": scored}, cache)
+    return scored
+
+
+def dpo_main(argv: list[str] | None = None) -> None:
+    """``python -m minicosy.train dpo --model tiny-phone --corpus data/corpus_large --out runs/dpo/lm.pt``:
+    DPO (§2.8, eq. 13) of a model folder's LM on its own samples. Each of ``--texts`` training
+    sentences of readable voices gets ``--k`` candidates, ranked by pocketsphinx WER, then
+    resemblyzer similarity; the best and the worst make a pair. ``--val-texts`` other sentences give
+    held-out pairs whose DPO loss picks the weights kept. Writes the LM, its card and, beside them,
+    a model folder (``minicosy.json``: the base model with this LM) for ``python -m minicosy eval``."""
+    from .pipeline import CosyVoice2, derive_model_folder
+    from .train import recipe_parser, save_checkpoint
+
+    p = recipe_parser("dpo", 10.0, "runs/dpo/lm.pt", resumable=False)
+    p.add_argument("--model", default="tiny-phone", help="model folder or name whose LM is tuned and whose chain samples")
+    p.add_argument("--texts", type=int, default=200, help="training sentences whose candidates give the training pairs")
+    p.add_argument("--val-texts", type=int, default=40, help="more sentences: held-out pairs for early stopping")
+    p.add_argument("--k", type=int, default=4, help="candidates sampled per sentence")
+    p.add_argument("--beta", type=float, default=0.1, help="eq. 13's beta")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--validate-minutes", type=float, default=1.0)
+    p.add_argument("--candidates", help="file (.pt) for the scored candidates: written once, read by later runs")
+    p.add_argument("--check-recordings", type=int, default=20,
+                   help="recordings per training voice that pocketsphinx reads to find the readable voices")
+    a = p.parse_args(argv)
+    if a.texts < 1 or a.val_texts < 1 or a.k < 2:
+        raise ValueError("--texts and --val-texts must be at least 1 and --k at least 2")
+    torch.set_num_threads(a.threads)
+    tts = CosyVoice2.from_pretrained(a.model)
+    records = readable_records(a.corpus, a.texts + a.val_texts, a.seed, a.check_recordings)
+    scored = cached_scores(tts, records, a.corpus, a.k, a.seed, Path(a.candidates) if a.candidates else None)
+    parts = {"train": records[:a.texts], "val": records[a.texts:]}
+    pairs = {name: preference_pairs({r["id"]: scored[r["id"]] for r in rs}) for name, rs in parts.items()}
+    stats = {name: pair_statistics({r["id"]: scored[r["id"]] for r in rs}, pairs[name]) for name, rs in parts.items()}
+    print("pairs:", json.dumps(stats))
+    if not pairs["train"] or not pairs["val"]:
+        raise ValueError("every candidate of the training or the held-out texts tied: no pairs to learn or to check")
+    text_ids = {r["id"]: torch.tensor(tts.frontend.text_ids(r["text"]), dtype=torch.long) for r in records}
+    tcfg = TrainConfig(lr=a.lr, max_minutes=a.minutes, warmup_steps=10, seed=a.seed, threads=a.threads,
+                       validate_minutes=a.validate_minutes, log_every=5)
+    log = train_dpo(tts.lm, pairs["train"], text_ids, tcfg, a.beta, val_pairs=pairs["val"])
+    print(f"held-out pairs' DPO loss: ln 2 = 0.6931 at the start (policy = reference), "
+          f"best {log.extra['best_validation']:.4f} at step {log.extra['best_step']}")
+    save_checkpoint(a.out, tts.lm, tts.lm.model_config(), tcfg, log, pairs=stats, beta=a.beta, k=a.k,
+                    init=str(a.model))
+    folder = derive_model_folder(tts.model_dir, Path(a.out).parent, llm=a.out)
+    print(f"-> {a.out}; model folder {folder} (python -m minicosy eval --model {folder})")

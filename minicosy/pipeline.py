@@ -477,3 +477,26 @@ def _read_minicosy_folder(folder: Path) -> dict:
     config.flow = flow.cfg
     return {"frontend": frontend, "lm": lm, "flow": flow,
             "hift": HiFTGenerator.from_checkpoint(files["hift"]), "config": config, "spk2info": spk2info}
+
+
+COMPONENTS = ("llm", "flow", "hift", "campplus", "speech_tokenizer", "text_tokenizer", "spk2info")   # minicosy.json's files
+
+
+def derive_model_folder(base: str | Path, folder: str | Path, **files: str | Path) -> Path:
+    """A new minicosy checkpoint folder ``folder`` that is ``base`` (a minicosy folder or a name of
+    :data:`TINY_MODELS`) with some components replaced, e.g. ``llm="runs/dpo/lm.pt"``: its
+    ``minicosy.json`` names every file relative to ``folder`` and keeps ``base``'s other settings."""
+    import json
+
+    base = TINY_MODELS.get(str(base)) or Path(base)
+    spec = json.loads((base / "minicosy.json").read_text())
+    unknown = sorted(set(files) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"cannot replace {unknown}: not components of a minicosy folder")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    where = {k: base / v for k, v in spec.items() if k in COMPONENTS and isinstance(v, str)}
+    where.update({k: Path(v) for k, v in files.items()})
+    spec.update({k: os.path.relpath(Path(v).resolve(), folder.resolve()) for k, v in where.items()})
+    (folder / "minicosy.json").write_text(json.dumps(spec, indent=1))
+    return folder

@@ -38,7 +38,8 @@ RECIPES = {"tokenizer": "minicosy.speech_tokenizer:train_main",
            "hift": "minicosy.hift_train:train_main",
            "campplus": "minicosy.campplus:train_main",
            "spk2info": "minicosy.campplus:spk2info_main",
-           "finetune": "minicosy.finetune:finetune_main"}
+           "finetune": "minicosy.finetune:finetune_main",
+           "dpo": "minicosy.finetune:dpo_main"}
 
 
 @dataclass

@@ -13,7 +13,7 @@ tests can call them without a browser; :class:`SynthesisApp` wires them to widge
 Usage (in Jupyter)::
 
     from minicosy.widgets import app
-    app(CosyVoice2.from_pretrained("tiny"))
+    app(CosyVoice2.from_pretrained("tiny-phone"))
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import numpy as np
 
 from .audio import load_wav
 from .data import load_manifest
-from .pipeline import SPEED_RANGE, join_speech
+from .pipeline import SPEED_RANGE, TINY_MODELS, join_speech
 from .player import StreamPlayer, audio_bytes
 
 MODES = ("zero-shot", "cross-lingual", "instruct", "SFT")
@@ -47,11 +47,37 @@ MODE_HELP = {
     "SFT": "A registered <b>speaker</b> by name (§2.7): the LM gets no prompt, the flow only the speaker's "
            "x-vector. The corpus' training voices are registered; register any prompt in zero-shot mode.",
 }
-TINY_NOTE = ("<b>What to expect from the tiny model.</b> It was trained for minutes on a small synthetic corpus "
-             "(English, Mandarin, Japanese, Korean voices): it makes speech-like sound in roughly the prompt's voice "
-             "but does not yet speak intelligibly (README, results) and hardly follows instructions (notebook 07). "
-             "For real speech, load the official CosyVoice2-0.5B folder (notebook 09). Chinese, Japanese and Korean "
-             "text needs a CJK font (Debian: <code>fonts-noto-cjk</code>).")
+CJK_FONT = ("Chinese, Japanese and Korean text needs a CJK font (Debian: <code>fonts-noto-cjk</code>).")
+MODEL_NOTES = {
+    "tiny-phone": "<b>What to expect from the tiny model.</b> <code>tiny-phone</code> reads English through phones "
+                  "and was trained on CPUs on the project's large synthetic English corpus (README, results): its "
+                  "English is intelligible in the corpus' voices and in held-out ones, at lower quality than the "
+                  "recordings. It was not trained on instructions (load <code>tiny-phone-instruct</code>, which "
+                  "notebook 07 measures) and speaks only English.",
+    "tiny-phone-instruct": "<b>What to expect from the tiny model.</b> <code>tiny-phone-instruct</code> is "
+                           "<code>tiny-phone</code>'s LM trained further with the instruct sub-corpus: it follows "
+                           "some instructions (notebook 07 measures which) and speaks only English.",
+    "tiny": "<b>What to expect from the tiny model.</b> <code>tiny</code> reads BPE pieces, as the paper does, and "
+            "was trained for minutes on the small synthetic corpus (English, Mandarin, Japanese, Korean voices): "
+            "it makes speech-like sound in roughly the prompt's voice but does not speak intelligibly (README, "
+            "results); <code>tiny-phone</code> does, in English. " + CJK_FONT,
+}
+
+
+def model_note(tts) -> str:
+    """The app's first line: what to expect from the loaded model (one of :data:`~minicosy.pipeline.TINY_MODELS`,
+    the official CosyVoice2-0.5B folder, or another minicosy folder)."""
+    if tts.model_dir is None:
+        return "<b>A CosyVoice 2 model</b> built in this session (no checkpoint folder)."
+    folder = Path(tts.model_dir).resolve()
+    name = next((k for k, v in TINY_MODELS.items() if Path(v).resolve() == folder), None)
+    if name in MODEL_NOTES:
+        return MODEL_NOTES[name]
+    if (folder / "cosyvoice2.yaml").exists():
+        return f"<b>CosyVoice2-0.5B</b> (official weights, <code>{folder.name}</code>). " + CJK_FONT
+    return f"<b>A minicosy model</b> (<code>{folder.name}</code>): its card in the folder says how it was trained."
+
+
 UPLOADED = "(uploaded file)"
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
 STAGES = {"frontend_s": ("front-end", "#c4b5fd"), "lm_s": ("LM", "#fcd34d"), "flow_s": ("flow", "#86efac"),
@@ -264,7 +290,7 @@ class SynthesisApp(w.VBox):
                      "register": w.HBox([self.spk_name, self.register, self.register_info]),
                      "instruction": self.instruction, "speaker": self.speaker, "speed": self.speed,
                      "incremental": self.incremental}
-        super().__init__([w.HTML(TINY_NOTE), self.text, self.mode, self.mode_help, *self.rows.values(),
+        super().__init__([w.HTML(model_note(tts)), self.text, self.mode, self.mode_help, *self.rows.values(),
                           w.HBox([self.stream, self.seed, self.dice]), self.go, self.player, self.chart,
                           self.chart_text])
         self.add_class("minicosy-app")

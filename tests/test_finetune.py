@@ -80,3 +80,29 @@ def test_candidates_are_sampled_and_scored(corpus_root):
         assert all(0 <= t < 6561 for t in c["speech"]) and len(c["wav"]) == 2 * 480 * len(c["speech"])
     scored = score_candidates(cands, text, wav, sr, SphinxASR(), SpeakerEncoder())
     assert all(s["wer"] >= 0 and -1 <= s["sim"] <= 1 and s["speech"] == c["speech"] for s, c in zip(scored, cands))
+
+
+def test_dpo_recipe_keeps_the_best_held_out_weights_and_writes_a_model_folder(corpus_root, tmp_path):
+    import json
+
+    from minicosy.pipeline import CosyVoice2
+    from minicosy.train import main
+
+    out, cache = tmp_path / "dpo" / "lm.pt", tmp_path / "candidates.pt"
+    args = ["dpo", "--model", "tiny", "--corpus", str(corpus_root), "--texts", "2", "--val-texts", "1", "--k", "2",
+            "--minutes", "0.1", "--validate-minutes", "0.02", "--check-recordings", "2", "--threads", "1",
+            "--candidates", str(cache), "--out", str(out)]
+    main(args)
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["pairs"]["train"]["texts"] == 2 and card["pairs"]["val"]["texts"] == 1
+    assert card["pairs"]["train"]["candidates"] == 4 and 0 <= card["pairs"]["train"]["mean_wer"]
+    extra = torch.load(out, weights_only=True)["log"]["extra"]
+    assert extra["validation"] and extra["best_validation"] == min(v[2] for v in extra["validation"])
+    tuned, base = CosyVoice2.from_pretrained(tmp_path / "dpo"), CosyVoice2.from_pretrained("tiny")
+    assert all(torch.equal(a, b) for a, b in zip(tuned.flow.state_dict().values(), base.flow.state_dict().values()))
+    assert any(not torch.allclose(a.float(), b.float()) for a, b in zip(tuned.lm.state_dict().values(),
+                                                                          base.lm.state_dict().values()))
+    saved = torch.load(cache, weights_only=True)
+    assert len(saved["ids"]) == 3 and all(len(c) == 2 for c in saved["scored"].values())
+    with pytest.raises(ValueError, match="other texts, k or seed"):      # the cache answers only its own question
+        main(args[:6] + ["3"] + args[7:])                                  # --texts 3

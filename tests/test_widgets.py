@@ -3,15 +3,16 @@
 import datetime
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import soundfile as sf
 
-from minicosy.pipeline import CosyVoice2
+from minicosy.pipeline import TINY_MODELS, CosyVoice2
 from minicosy.widgets import (MODES, UPLOADED, app, describe_latency, in_ui_words, latency_figure, latency_segments,
-                              prompt_choices, read_upload, shown_controls, synthesize)
+                              model_note, prompt_choices, read_upload, shown_controls, synthesize)
 
 from .conftest import SHARED_DATA
 
@@ -164,3 +165,13 @@ def test_app_registers_a_speaker_that_sft_then_lists(tts, corpus_root):
     ui.mode.value, ui.spk_name.value = "zero-shot", ""
     ui.register.click()
     assert "type a speaker name" in ui.register_info.value
+
+
+def test_the_app_says_what_to_expect_from_the_model_it_runs(tmp_path):
+    notes = {name: model_note(SimpleNamespace(model_dir=folder)) for name, folder in TINY_MODELS.items()}
+    assert len(set(notes.values())) == len(notes)                  # each shipped model has its own note
+    assert all(n.startswith("<b>What to expect from the tiny model.</b>") for n in notes.values())
+    assert "does not speak intelligibly" in notes["tiny"] and "intelligible" in notes["tiny-phone"]
+    (tmp_path / "cosyvoice2.yaml").write_text("")
+    assert "CosyVoice2-0.5B" in model_note(SimpleNamespace(model_dir=tmp_path))
+    assert "no checkpoint folder" in model_note(SimpleNamespace(model_dir=None))
