@@ -3,7 +3,7 @@ streaming (§2.5), with the official ``CosyVoice2`` API (NOTES.md §3, §7).
 
 Usage::
 
-    tts = CosyVoice2.from_pretrained("tiny")                       # or an official CosyVoice2-0.5B folder
+    tts = CosyVoice2.from_pretrained("tiny-phone")                 # or an official CosyVoice2-0.5B folder
     for out in tts.inference_zero_shot("Hello there.", "Transcript of the prompt.", "prompt.wav", stream=True):
         play(out["tts_speech"])                                     # (1, samples) at 24 kHz
         print(out["timings"], out["totals"]["first_package_s"])
