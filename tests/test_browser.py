@@ -30,7 +30,7 @@ CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SHOTS = ROOT / "out" / "browser_test"
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SHORT = "We walk to the park."
-TWO_SENTENCES = ("We walk to the park. " * 15      # over 80 words: the front-end splits it into two sentences
+TWO_SENTENCES = ("We walk to the park. " * 15      # over 80 words: the front-end splits it into several sentences
                  + "Then it rains, so we go home and read a book by the window until the sun comes out again.")
 MODES = ("zero-shot", "cross-lingual", "instruct", "SFT")
 PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"       # the notebook in the current tab
@@ -307,7 +307,8 @@ def test_notebook_10_app_in_every_mode(browser, lab, tmp_path):
     app.type_text(TWO_SENTENCES)
     state = app.synthesise()
     chart = state["chart"]["text"]
-    assert " in 2 sentence(s)" in chart, chart
+    sentences = re.search(r" in (\d+) sentence\(s\)", chart)
+    assert sentences and int(sentences.group(1)) >= 2, chart     # how many: the model's text units decide
     ends = [float(x) for x in re.search(r"ready at ([\d., ]+) s since", chart).group(1).split(", ")]
     assert ends == sorted(ends) and len(set(ends)) == len(ends) == len(state["schedule"]), chart
     assert float(re.search(r"first package after ([\d.]+) s", chart).group(1)) == ends[0]
